@@ -1,0 +1,45 @@
+# Everything runs from a fresh Debian 12 machine as root: `make demo`, `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+GUEST  := build/guest
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: all setup host venv guest demo test lint unit bench clean
+
+all: setup
+
+setup: host venv guest
+
+# apt packages and the libvirt-qemu user/group (idempotent, quick when all is there)
+host:
+	bash scripts/setup-host.sh
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py vmrun/_fastsig.pyx vmrun/_fastsig.pxd
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel cython
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+guest: $(GUEST)/vmlinuz $(GUEST)/initrd.gz
+
+$(GUEST)/vmlinuz $(GUEST)/initrd.gz &: tests/guest/build.sh tests/guest/init
+	bash tests/guest/build.sh $(GUEST)
+
+demo: setup
+	$(BIN)/vmrun up examples/hello/stack.toml
+
+lint: venv
+	$(BIN)/ruff check vmrun tests bench
+	$(BIN)/mypy
+
+test: setup lint
+	$(BIN)/pytest -ra
+
+bench: setup
+	$(BIN)/python bench/bench.py
+
+clean:
+	rm -rf build .venv vmrun/_fastsig.c vmrun/*.so examples/*/.vmrun

@@ -1,0 +1,185 @@
+"""Manifest parsing and validation: every problem located by file, line and key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vmrun import manifest
+from vmrun.errors import ManifestError
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Path:
+    (tmp_path / "vmlinuz").write_bytes(b"kernel")
+    (tmp_path / "initrd.gz").write_bytes(b"initrd")
+    return tmp_path
+
+
+def write(directory: Path, text: str, name: str = "stack.toml") -> Path:
+    path = directory / name
+    path.write_text(text)
+    return path
+
+
+def problems(path: Path) -> list[str]:
+    with pytest.raises(ManifestError) as info:
+        manifest.load(path)
+    return [str(p) for p in info.value.problems]
+
+
+def test_full_manifest(files: Path) -> None:
+    path = write(files, """
+name = "lab"
+accel = "tcg"
+stop_timeout = 3
+state_dir = "state"
+
+[defaults]
+memory = "128M"
+initrd = "initrd.gz"
+
+[vm.alpha]
+kernel = "vmlinuz"
+cmdline = "console=ttyS0 quiet"
+cpus = 2
+timeout = 60
+success = "ALL OK"
+failure = "FAIL"
+
+[vm.beta-2]
+kernel = "vmlinuz"
+memory = 300
+""")
+    stack = manifest.load(path)
+    assert stack.name == "lab"
+    assert stack.accel == "tcg"
+    assert stack.stop_timeout == 3
+    assert stack.state_dir == files / "state" / "lab"
+    alpha, beta = stack.vms
+    assert alpha.memory == 128 and alpha.cpus == 2 and alpha.timeout == 60
+    assert alpha.kernel == files / "vmlinuz" and alpha.initrd == files / "initrd.gz"
+    assert alpha.success == "ALL OK" and alpha.failure == "FAIL"
+    assert beta.name == "beta-2" and beta.memory == 300 and beta.timeout is None
+    assert beta.cmdline == "console=ttyS0"
+
+
+def test_defaults_and_name_from_file(files: Path) -> None:
+    stack = manifest.load(write(files, '[vm.a]\nkernel = "vmlinuz"\n', "my-stack.toml"))
+    assert stack.name == "my-stack"
+    assert stack.accel == "auto" and stack.stop_timeout == 10
+    assert stack.state_dir == files / ".vmrun" / "my-stack"
+    assert stack.vms[0].memory == 256 and stack.vms[0].cpus == 1
+
+
+@pytest.mark.parametrize(("value", "mib"), [
+    ("128", 128), (512, 512), ('"512M"', 512), ('"1G"', 1024), ('"65536K"', 64),
+    ('"2GiB"', 2048),
+])
+def test_memory_sizes(files: Path, value: str, mib: int) -> None:
+    stack = manifest.loads(f'[vm.a]\nkernel = "vmlinuz"\nmemory = {value}\n',
+                           files / "s.toml", host_memory=1 << 20)
+    assert stack.vms[0].memory == mib
+
+
+def test_syntax_error_has_line(files: Path) -> None:
+    path = write(files, '[vm.a]\nkernel = "vmlinuz"\nmemory = 12 34\n')
+    (problem,) = problems(path)
+    assert problem.startswith(f"{path}:3: TOML syntax error")
+
+
+@pytest.mark.parametrize(("body", "line", "key", "fragment"), [
+    ('[vm.a]\nkernel = "vmlinuz"\nmemory = "lots"\n', 3, "vm.a.memory", 'found the string "lots"'),
+    ('[vm.a]\nkernel = "vmlinuz"\nmemory = -5\n', 3, "vm.a.memory", "at least 16M"),
+    ('[vm.a]\nkernel = "vmlinuz"\nmemory = "4096G"\n', 3, "vm.a.memory", "host's memory"),
+    ('[vm.a]\nkernel = "vmlinuz"\ncpus = 0\n', 3, "vm.a.cpus", "from 1 to 64"),
+    ('[vm.a]\nkernel = "vmlinuz"\ncpus = "two"\n', 3, "vm.a.cpus", "whole number"),
+    ('[vm.a]\nkernel = "vmlinuz"\ntimeout = -1\n', 3, "vm.a.timeout", "greater than 0"),
+    ('[vm.a]\nkernel = "vmlinuz"\nsuccess = "(("\n', 3, "vm.a.success", "regular expression"),
+    ('[vm.a]\nkernel = "missing"\n', 2, "vm.a.kernel", "existing file"),
+    ('[vm.a]\nkernel = "vmlinuz"\ninitrd = "nope.gz"\n', 3, "vm.a.initrd", "existing file"),
+    ('[vm.a]\nkernel = "vmlinuz"\nmemroy = 128\n', 3, "vm.a.memroy", 'did you mean "memory"'),
+    ('accel = "fast"\n[vm.a]\nkernel = "vmlinuz"\n', 1, "accel", '"auto", "kvm", "tcg"'),
+    ('stop_timeout = "soon"\n[vm.a]\nkernel = "vmlinuz"\n', 1, "stop_timeout", "seconds"),
+    ('name = "Bad Name"\n[vm.a]\nkernel = "vmlinuz"\n', 1, "name", "lower-case"),
+    ('[vm.Alpha]\nkernel = "vmlinuz"\n', 1, "vm.Alpha", "invalid VM name"),
+    ('[vm.a-very-long-name-indeed-yes]\nkernel = "vmlinuz"\n', 1, "vm.a-very", "at most 20"),
+    ('[vm.a]\ncpus = 1\n', 1, "vm.a", 'missing required key "kernel"'),
+    ('[defaults]\nmemory = "x"\n[vm.a]\nkernel = "vmlinuz"\n', 2, "defaults.memory", "MiB"),
+    ('name = "x"\n', None, "vm", "no VM"),
+    ('[vm]\na = 1\n', 2, "vm.a", "expected a table"),
+])
+def test_bad_values(files: Path, body: str, line: int | None, key: str, fragment: str) -> None:
+    path = write(files, body)
+    found = problems(path)
+    assert len(found) == 1, found
+    where = f"{path}:{line}: " if line else f"{path}: "
+    assert found[0].startswith(where + key), found
+    assert fragment in found[0], found
+
+
+def test_every_problem_is_reported(files: Path) -> None:
+    path = write(files, """
+accel = "fast"
+[vm.a]
+kernel = "vmlinuz"
+memory = "lots"
+cpus = 0
+colour = "red"
+""")
+    found = problems(path)
+    assert [p.split(": ")[1] for p in found] == ["accel", "vm.a.memory", "vm.a.cpus", "vm.a.colour"]
+
+
+def test_paths_are_relative_to_the_manifest(files: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    sub = files / "sub"
+    sub.mkdir()
+    path = write(sub, '[vm.a]\nkernel = "../vmlinuz"\n')
+    monkeypatch.chdir("/")
+    assert manifest.load(path).vms[0].kernel == files / "vmlinuz"
+
+
+def test_missing_manifest(tmp_path: Path) -> None:
+    (problem,) = problems(tmp_path / "nope.toml")
+    assert "no such manifest file" in problem
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vmrun", *args], cwd=cwd, text=True,
+                          capture_output=True, timeout=60)
+
+
+def test_cli_bad_manifest_exits_2_and_writes_nothing(files: Path) -> None:
+    path = write(files, '[vm.a]\nkernel = "vmlinuz"\nmemory = "lots"\ncpus = 0\n')
+    for command in ("check", "up"):
+        proc = run_cli(command, str(path), cwd=files)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert lines[0].startswith(f"vmrun: error: {path}:3: vm.a.memory")
+        assert lines[1].startswith(f"vmrun: error: {path}:4: vm.a.cpus")
+        assert proc.stdout == ""
+    assert not (files / ".vmrun").exists()
+
+
+def test_cli_check_ok(files: Path) -> None:
+    path = write(files, '[vm.a]\nkernel = "vmlinuz"\n[vm.b]\nkernel = "vmlinuz"\n')
+    proc = run_cli("check", str(path), cwd=files)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 VM(s): a, b" in proc.stdout
+
+
+def test_cli_usage_error_exits_2(files: Path) -> None:
+    proc = run_cli("frobnicate", cwd=files)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+
+
+def test_docs_name_every_key() -> None:
+    docs = (Path(__file__).parent.parent / "docs" / "manifest.md").read_text()
+    for setting in (*manifest.STACK_SETTINGS, *manifest.VM_SETTINGS):
+        assert f"`{setting.key}`" in docs, setting.key

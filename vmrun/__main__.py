@@ -1,0 +1,5 @@
+import sys
+
+from vmrun.cli import main
+
+sys.exit(main())

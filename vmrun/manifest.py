@@ -1,0 +1,453 @@
+"""Parse and validate a stack manifest (TOML) into frozen dataclasses.
+
+One table of settings (`STACK_SETTINGS`, `VM_SETTINGS`) drives parsing, validation,
+defaults and the reference in docs/manifest.md (a test checks that the docs name every
+key).  Every problem is collected, located (file, line, key) and reported together, so a
+user fixes a manifest in one pass.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python < 3.11
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from vmrun.errors import ManifestError, Problem
+
+NAME_RE = re.compile(r"[a-z][a-z0-9-]*\Z")
+VM_NAME_MAX = 20
+STACK_NAME_MAX = 40
+ACCELS = ("auto", "kvm", "tcg")
+
+MIN_MEMORY_MIB = 16
+MAX_CPUS = 64
+MAX_SECONDS = 7 * 24 * 3600
+
+
+class Invalid(Exception):
+    """Raised by a converter: the value has the wrong type or is out of range."""
+
+    def __init__(self, expected: str, hint: str | None = None) -> None:
+        super().__init__(expected)
+        self.expected = expected
+        self.hint = hint
+
+
+@dataclass(frozen=True)
+class Context:
+    """What converters need to know besides the value."""
+
+    base_dir: Path
+    host_memory_mib: int
+
+
+Converter = Callable[[Any, Context], Any]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One manifest key: its converter, default and documentation."""
+
+    key: str
+    type: str  # shown in docs and errors
+    default: Any
+    convert: Converter
+    doc: str
+    required: bool = False
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, str):
+        return f'the string "{value}"'
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return type(value).__name__
+
+
+def _string(value: Any, ctx: Context) -> str:
+    if not isinstance(value, str):
+        raise Invalid("a string")
+    return value
+
+
+def _name(value: Any, ctx: Context) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value) or len(value) > STACK_NAME_MAX:
+        raise Invalid(
+            f"a name of lower-case letters, digits and '-', starting with a letter, "
+            f"at most {STACK_NAME_MAX} characters"
+        )
+    return value
+
+
+def _accel(value: Any, ctx: Context) -> str:
+    if value not in ACCELS:
+        raise Invalid("one of " + ", ".join(f'"{a}"' for a in ACCELS))
+    return str(value)
+
+
+def _seconds(value: Any, ctx: Context) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Invalid("a number of seconds")
+    if not 0 < value <= MAX_SECONDS:
+        raise Invalid(f"a number of seconds greater than 0 and at most {MAX_SECONDS}")
+    return float(value)
+
+
+def _cpus(value: Any, ctx: Context) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Invalid("a whole number of CPUs")
+    if not 1 <= value <= MAX_CPUS:
+        raise Invalid(f"a number of CPUs from 1 to {MAX_CPUS}")
+    return value
+
+
+_SIZE_RE = re.compile(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*\Z", re.IGNORECASE)
+_SIZE_FACTOR = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024, "": 1}
+
+
+def parse_size_mib(value: Any) -> float:
+    """A size as MiB: an integer is MiB, a string takes a K, M, G or T suffix."""
+    if isinstance(value, bool):
+        raise Invalid('an integer number of MiB or a string like "256M" or "2G"')
+    if isinstance(value, int):
+        return float(value)
+    if isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if match:
+            return int(match.group(1)) * _SIZE_FACTOR[match.group(2).upper()]
+    raise Invalid('an integer number of MiB or a string like "256M" or "2G"')
+
+
+def _memory(value: Any, ctx: Context) -> int:
+    mib = parse_size_mib(value)
+    if mib != int(mib) or mib < MIN_MEMORY_MIB:
+        raise Invalid(f"a whole number of MiB, at least {MIN_MEMORY_MIB}M")
+    if mib > ctx.host_memory_mib:
+        raise Invalid(
+            f"at most the host's memory ({ctx.host_memory_mib}M)",
+            hint="a guest cannot have more memory than the host",
+        )
+    return int(mib)
+
+
+def _file(value: Any, ctx: Context) -> Path:
+    if not isinstance(value, str) or not value:
+        raise Invalid("a file path (relative to the manifest's directory)")
+    path = (ctx.base_dir / os.path.expanduser(value)).resolve()
+    if not path.exists():
+        raise Invalid(f"an existing file (looked for {path})")
+    if not path.is_file():
+        raise Invalid(f"a regular file ({path} is not one)")
+    if not os.access(path, os.R_OK):
+        raise Invalid(f"a readable file ({path} cannot be read)")
+    return path
+
+
+def _regex(value: Any, ctx: Context) -> str:
+    if not isinstance(value, str) or not value:
+        raise Invalid("a non-empty regular expression (Python syntax)")
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise Invalid(f"a valid regular expression ({exc})") from None
+    return value
+
+
+STACK_SETTINGS: tuple[Setting, ...] = (
+    Setting("name", "string", None, _name,
+            "Stack name: lower-case letters, digits and '-'. Default: the manifest's "
+            "file name without `.toml`."),
+    Setting("accel", "string", "auto", _accel,
+            '`"auto"` uses KVM when it really works on this host and TCG (software '
+            'emulation) otherwise; `"kvm"` requires KVM; `"tcg"` always emulates.'),
+    Setting("stop_timeout", "number", 10.0, _seconds,
+            "Seconds a guest gets to shut down after an ACPI power-button press before "
+            "it is destroyed."),
+    Setting("state_dir", "string", ".vmrun", _string,
+            "Where run state lives, relative to the manifest's directory; the stack uses "
+            "`<state_dir>/<name>/`."),
+)
+
+VM_SETTINGS: tuple[Setting, ...] = (
+    Setting("kernel", "path", None, _file,
+            "Kernel image to boot directly, relative to the manifest's directory.",
+            required=True),
+    Setting("initrd", "path", None, _file,
+            "Initial ramdisk, relative to the manifest's directory."),
+    Setting("cmdline", "string", "console=ttyS0", _string,
+            "Kernel command line. Keep `console=ttyS0` so the console can be streamed."),
+    Setting("memory", "size", 256, _memory,
+            'Guest memory: an integer number of MiB, or a string with a K, M, G or T '
+            'suffix ("512M", "2G").'),
+    Setting("cpus", "integer", 1, _cpus, "Number of virtual CPUs."),
+    Setting("timeout", "number", None, _seconds,
+            "Seconds the guest may run; a guest still running then is destroyed and "
+            "counts as failed (reason: timeout). Default: no limit."),
+    Setting("success", "regex", None, _regex,
+            "The guest counts as ok only if a console line matched this regular "
+            "expression before it stopped."),
+    Setting("failure", "regex", None, _regex,
+            "A console line matching this regular expression makes the guest failed at "
+            "once (it is destroyed)."),
+)
+
+# Stack-level keys that are tables, not settings.
+STACK_TABLES = {
+    "defaults": "Values for any `[vm.*]` key; a VM's own value wins.",
+    "vm": "One table per VM: `[vm.NAME]`.",
+}
+
+
+@dataclass(frozen=True)
+class VM:
+    name: str
+    kernel: Path
+    initrd: Path | None
+    cmdline: str
+    memory: int  # MiB
+    cpus: int
+    timeout: float | None
+    success: str | None
+    failure: str | None
+
+
+@dataclass(frozen=True)
+class Stack:
+    path: Path
+    name: str
+    accel: str
+    stop_timeout: float
+    state_dir: Path  # the stack's own directory: <state_dir>/<name>
+    vms: tuple[VM, ...] = field(default_factory=tuple)
+
+    def vm(self, name: str) -> VM:
+        for vm in self.vms:
+            if vm.name == name:
+                return vm
+        raise KeyError(name)
+
+
+# --- locating keys in the source --------------------------------------------------------
+
+_HEADER_RE = re.compile(r"\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$")
+_KEY_RE = re.compile(r"""\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*=""")
+
+
+def _split_key(text: str) -> tuple[str, ...]:
+    parts = re.findall(r"""[A-Za-z0-9_-]+|"[^"]*"|'[^']*'""", text)
+    return tuple(p.strip("\"'") for p in parts)
+
+
+def locate_keys(source: str) -> dict[tuple[str, ...], int]:
+    """Map each key path (table headers and keys) to the 1-based line defining it.
+
+    A light scanner, not a TOML parser: it only needs to be right for manifests that
+    tomllib has already accepted.  Multi-line strings are skipped.
+    """
+    lines: dict[tuple[str, ...], int] = {}
+    table: tuple[str, ...] = ()
+    in_multiline: str | None = None
+    for number, line in enumerate(source.splitlines(), start=1):
+        if in_multiline:
+            if line.count(in_multiline) % 2 == 1:
+                in_multiline = None
+            continue
+        header = _HEADER_RE.match(line)
+        if header and not _KEY_RE.match(line):
+            table = _split_key(header.group(1))
+            lines.setdefault(table, number)
+            continue
+        key = _KEY_RE.match(line)
+        if key:
+            path = table + _split_key(key.group(1))
+            lines.setdefault(path, number)
+            rest = line[key.end():]
+            for quote in ('"""', "'''"):
+                if rest.count(quote) % 2 == 1:
+                    in_multiline = quote
+    return lines
+
+
+# --- parsing -----------------------------------------------------------------------------
+
+def host_memory_mib() -> int:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 1024 * 1024
+
+
+class _Collector:
+    def __init__(self, path: Path, lines: dict[tuple[str, ...], int]) -> None:
+        self.path = path
+        self.lines = lines
+        self.problems: list[Problem] = []
+
+    def line_of(self, keypath: tuple[str, ...]) -> int | None:
+        while keypath:
+            if keypath in self.lines:
+                return self.lines[keypath]
+            keypath = keypath[:-1]
+        return None
+
+    def add(self, keypath: tuple[str, ...], message: str, **kw: Any) -> None:
+        self.problems.append(
+            Problem(message, file=self.path, line=self.line_of(keypath),
+                    key=".".join(keypath) or None, **kw)
+        )
+
+
+def _did_you_mean(key: str, known: list[str]) -> str | None:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f'did you mean "{close[0]}"?' if close else None
+
+
+def _convert_table(
+    col: _Collector,
+    where: tuple[str, ...],
+    table: dict[str, Any],
+    settings: tuple[Setting, ...],
+    ctx: Context,
+    extra_keys: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    known = {s.key: s for s in settings}
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if key in extra_keys:
+            continue
+        setting = known.get(key)
+        if setting is None:
+            col.add(where + (key,), "unknown key",
+                    hint=_did_you_mean(key, [*known, *extra_keys]))
+            continue
+        try:
+            out[key] = setting.convert(value, ctx)
+        except Invalid as exc:
+            col.add(where + (key,), "invalid value", expected=exc.expected,
+                    found=_describe(value), hint=exc.hint)
+    return out
+
+
+def load(path: str | os.PathLike[str], state_dir: str | os.PathLike[str] | None = None) -> Stack:
+    """Read, parse and validate a manifest; raise ManifestError listing every problem."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ManifestError([Problem("no such manifest file", file=path)]) from None
+    except OSError as exc:
+        raise ManifestError([Problem(f"cannot read the manifest ({exc.strerror})",
+                                     file=path)]) from None
+    try:
+        source = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError([Problem("the manifest is not UTF-8 text",
+                                     file=path, found=str(exc))]) from None
+    return loads(source, path, state_dir=state_dir)
+
+
+_TOML_POS_RE = re.compile(r"\s*\(at line (\d+), column (\d+)\)")
+
+
+def loads(
+    source: str,
+    path: Path,
+    state_dir: str | os.PathLike[str] | None = None,
+    host_memory: int | None = None,
+) -> Stack:
+    try:
+        data = tomllib.loads(source)
+    except tomllib.TOMLDecodeError as exc:
+        text = str(exc)
+        match = _TOML_POS_RE.search(text)
+        line = int(match.group(1)) if match else None
+        message = _TOML_POS_RE.sub("", text) if match else text
+        if match:
+            message += f" (column {match.group(2)})"
+        raise ManifestError([Problem(f"TOML syntax error: {message}", file=path,
+                                     line=line)]) from None
+
+    base_dir = path.resolve().parent
+    ctx = Context(base_dir=base_dir, host_memory_mib=host_memory or host_memory_mib())
+    col = _Collector(path, locate_keys(source))
+
+    top = _convert_table(col, (), data, STACK_SETTINGS, ctx, extra_keys=tuple(STACK_TABLES))
+    if "name" not in data:
+        stem = path.name.removesuffix(".toml")
+        try:
+            top["name"] = _name(stem, ctx)
+        except Invalid as exc:
+            col.add((), "the stack has no valid name", expected=exc.expected,
+                    found=f'the file name "{stem}"', hint='set name = "..." in the manifest')
+
+    defaults_raw = data.get("defaults", {})
+    defaults: dict[str, Any] = {}
+    if not isinstance(defaults_raw, dict):
+        col.add(("defaults",), "invalid value", expected="a table", found=_describe(defaults_raw))
+    else:
+        defaults = _convert_table(col, ("defaults",), defaults_raw, VM_SETTINGS, ctx)
+
+    vms: list[VM] = []
+    vm_tables = data.get("vm", {})
+    if not isinstance(vm_tables, dict):
+        col.add(("vm",), "invalid value", expected="tables [vm.NAME]", found=_describe(vm_tables))
+        vm_tables = {}
+    if not vm_tables:
+        col.add(("vm",), "the stack has no VM", expected="at least one [vm.NAME] table",
+                found="none", hint='add a table such as [vm.alpha] with a kernel = "..." key')
+    for vm_name, table in vm_tables.items():
+        where = ("vm", vm_name)
+        if not NAME_RE.match(vm_name) or len(vm_name) > VM_NAME_MAX:
+            col.add(where, "invalid VM name",
+                    expected=f"lower-case letters, digits and '-', starting with a letter, "
+                             f"at most {VM_NAME_MAX} characters",
+                    found=f'"{vm_name}"')
+        if not isinstance(table, dict):
+            col.add(where, "invalid value", expected="a table", found=_describe(table))
+            continue
+        values = dict(defaults)
+        values.update(_convert_table(col, where, table, VM_SETTINGS, ctx))
+        missing = [s.key for s in VM_SETTINGS
+                   if s.required and s.key not in values and s.key not in table]
+        for key in missing:
+            col.add(where, f'missing required key "{key}"',
+                    hint=f'add {key} = "..." to [vm.{vm_name}] or to [defaults]')
+        if missing or any(s.key in table and s.key not in values for s in VM_SETTINGS):
+            continue
+        settings = {s.key: values.get(s.key, s.default) for s in VM_SETTINGS}
+        vms.append(VM(name=vm_name, **settings))
+
+    if col.problems:
+        raise ManifestError(col.problems)
+
+    if state_dir is not None:
+        root = Path(state_dir).resolve()
+    else:
+        root = (base_dir / os.path.expanduser(top.get("state_dir", ".vmrun"))).resolve()
+    return Stack(
+        path=path.resolve(),
+        name=top["name"],
+        accel=top.get("accel", "auto"),
+        stop_timeout=top.get("stop_timeout", 10.0),
+        state_dir=root / top["name"],
+        vms=tuple(vms),
+    )

@@ -9,7 +9,7 @@ import sys
 from typing import Any, TextIO
 
 from vmrun import __version__, domain, host, manifest
-from vmrun.errors import EXIT_USAGE, VmrunError
+from vmrun.errors import EXIT_USAGE, UsageError, VmrunError
 from vmrun.layout import StackPaths
 
 
@@ -54,7 +54,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     if args.vm is not None:
         vms = tuple(vm for vm in stack.vms if vm.name == args.vm)
         if not vms:
-            raise VmrunError(f'{args.file}: no VM named "{args.vm}"',
+            raise UsageError(f'{args.file}: no VM named "{args.vm}"',
                              hint="VMs: " + ", ".join(vm.name for vm in stack.vms))
     accel = host.choose_accel(stack.accel)
     paths = StackPaths(stack.state_dir)

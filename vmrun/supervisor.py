@@ -117,6 +117,7 @@ class Child:
     eof: bool = False
     status: int | None = None  # raw wait status once reaped
     qemu_pid: int | None = None
+    running_at: float | None = None
     result: dict[str, Any] | None = None
     messages: list[dict[str, Any]] = field(default_factory=list)
 
@@ -356,6 +357,7 @@ class Supervisor:
             child.messages.append(message)
         if event == "running":
             pid = message.get("pid")
+            child.running_at = time.time()
             if isinstance(pid, int):
                 child.qemu_pid = pid
                 if pid in self.exits:
@@ -430,6 +432,7 @@ class Supervisor:
             else:
                 result.outcome = "failed"
                 result.reason = f"driver died ({_describe_status(child.status)})"
+                result.started = child.running_at
                 result.stopped = time.time()
             self.kill_qemu(child)  # it should be gone: make sure
             _fastsig.unregister_group(child.pid)

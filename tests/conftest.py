@@ -1,0 +1,203 @@
+"""Helpers for tests that run real guests under the real embedded driver.
+
+The guest is the project's test guest (tests/guest/, built by `make guest` into
+build/guest/): Debian's cloud kernel and a busybox initramfs whose init obeys
+`guest.say=`, `guest.sleep=` and `guest.action=` on the kernel command line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vmrun.layout import StackPaths
+
+REPO = Path(__file__).resolve().parent.parent
+GUEST = REPO / "build" / "guest"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "guest" in item.fixturenames:
+            item.add_marker(pytest.mark.guest)
+
+
+@pytest.fixture(scope="session")
+def guest() -> Path:
+    for name in ("vmlinuz", "initrd.gz"):
+        if not (GUEST / name).is_file():
+            pytest.fail(f"{GUEST / name} is missing: run `make guest` (make test does)")
+    return GUEST
+
+
+def cmdline(say: str | None = None, action: str = "poweroff", sleep: float | None = None,
+            extra: str = "") -> str:
+    parts = ["console=ttyS0", "quiet"]
+    if say is not None:
+        parts.append(f'guest.say="{say}"')
+    if sleep is not None:
+        parts.append(f"guest.sleep={sleep:g}")
+    parts.append(f"guest.action={action}")
+    if extra:
+        parts.append(extra)
+    return " ".join(parts)
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def write_stack(directory: Path, guest_dir: Path, vms: dict[str, dict[str, Any]],
+                name: str = "t", **top: Any) -> Path:
+    """Write a manifest with one [vm.NAME] table per entry of `vms`."""
+    lines = [f"name = {toml_value(name)}"]
+    lines += [f"{k} = {toml_value(v)}" for k, v in top.items()]
+    lines += ["", "[defaults]",
+              f"kernel = {toml_value(str(guest_dir / 'vmlinuz'))}",
+              f"initrd = {toml_value(str(guest_dir / 'initrd.gz'))}",
+              'memory = "192M"', "timeout = 90"]
+    for vm, settings in vms.items():
+        lines += ["", f"[vm.{vm}]"] + [f"{k} = {toml_value(v)}" for k, v in settings.items()]
+    path = directory / f"{name}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Up:
+    """A `vmrun up` process whose stdout is read line by line in the background."""
+
+    def __init__(self, manifest: Path, *args: str) -> None:
+        self.manifest = manifest
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vmrun", "up", str(manifest), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        self.stderr = ""
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def expect(self, *fragments: str, timeout: float = 60) -> None:
+        """Wait until every fragment has appeared in some output line."""
+        missing = [f for f in fragments if not any(f in line for line in self.seen)]
+        deadline = time.monotonic() + timeout
+        while missing:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"timed out waiting for {missing}; saw {self.seen}")
+            try:
+                line = self.lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise AssertionError(f"vmrun up ended before {missing}; saw {self.seen}")
+            self.seen.append(line)
+            missing = [f for f in missing if f not in line]
+
+    def wait(self, timeout: float = 120) -> int:
+        code = self.proc.wait(timeout)
+        assert self.proc.stderr is not None
+        self.stderr = self.proc.stderr.read()
+        while True:
+            line = self.lines.get(timeout=10)
+            if line is None:
+                break
+            self.seen.append(line)
+        return code
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.seen)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def last_run(manifest: Path, name: str = "t") -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(
+        (manifest.parent / ".vmrun" / name / "last-run.json").read_text())
+    return data
+
+
+def stack_qemus(manifest: Path, vms: list[str], name: str = "t") -> dict[str, int]:
+    """QEMU processes (not zombies) running for the given VMs of a stack, by VM name."""
+    paths = StackPaths(manifest.parent / ".vmrun" / name)
+    roots = {vm: os.fsencode(str(paths.vm(vm).root)) for vm in vms}
+    found: dict[str, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if b"qemu-system" not in cmd:
+            continue
+        for vm, root in roots.items():
+            if root in cmd:
+                found[vm] = int(entry)
+    return found
+
+
+def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> float:
+    """Poll a condition the kernel gives no event for; return the seconds it took."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+    return time.monotonic() - start
+
+
+def driver_pid(vm: str, manifest: Path) -> int:
+    out = subprocess.run(["pgrep", "-f", f'vmrun.driver {{"name": "{vm}"'],
+                         capture_output=True, text=True, check=False).stdout.split()
+    pids = [int(p) for p in out if _cwd_is(int(p), manifest)]
+    assert len(pids) == 1, out
+    return pids[0]
+
+
+def _cwd_is(pid: int, manifest: Path) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return os.fsencode(str(manifest.parent)) in f.read()
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def running() -> Iterator[list[Up]]:
+    """Collects `Up` processes and makes sure none outlives its test."""
+    ups: list[Up] = []
+    yield ups
+    for up in ups:
+        if up.proc.poll() is None:
+            up.proc.send_signal(signal.SIGTERM)
+            try:
+                up.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                up.kill()

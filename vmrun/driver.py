@@ -39,6 +39,7 @@ from vmrun.domain import PANIC_PATTERN
 STATUS_FD = 3
 SUPERVISOR_DIED = signal.SIGUSR1
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+POWER_BUTTON_REPEAT = 1.0  # seconds between ACPI power-button presses while stopping
 
 
 class Status:
@@ -76,6 +77,7 @@ class Driver:
         self.outcome: tuple[str, str] | None = None  # decided early (pattern, signal, ...)
         self.success_seen = False
         self.stop_deadline: float | None = None
+        self.next_press: float | None = None  # the power button is pressed again then
         self.signals_seen = 0
         self.started = 0.0
         self.success = re.compile(spec["success"]) if spec.get("success") else None
@@ -216,7 +218,8 @@ class Driver:
         timeout = self.spec.get("timeout")
         deadline = self.started + timeout if timeout else None
         while True:
-            waits = [d - time.time() for d in (deadline, self.stop_deadline) if d is not None]
+            waits = [d - time.time() for d in (deadline, self.stop_deadline, self.next_press)
+                     if d is not None]
             wait = max(0.0, min(waits)) if waits else None
             if not self.events:
                 with contextlib.suppress(InterruptedError):
@@ -235,8 +238,11 @@ class Driver:
                 self.decide("failed", f"timeout after {timeout:g}s")
                 self.destroy()
             if self.stop_deadline is not None and now_wall >= self.stop_deadline:
-                self.stop_deadline = None
+                self.stop_deadline = self.next_press = None
                 self.destroy()
+            elif self.next_press is not None and now_wall >= self.next_press:
+                # A press before the guest's ACPI driver is up is lost: press again.
+                self.press_power_button()
 
     def handle(self, event: tuple[Any, ...]) -> None:
         import libvirt
@@ -249,15 +255,23 @@ class Driver:
             self.decide("stopped", f"signal {signal.Signals(event[1]).name}")
             if self.signals_seen == 1:
                 self.status.send(ev="stopping", reason="shutdown requested")
-                try:
-                    self.dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
-                    self.stop_deadline = time.time() + float(self.spec["stop_timeout"])
-                except libvirt.libvirtError:
-                    self.destroy()
+                self.stop_deadline = time.time() + float(self.spec["stop_timeout"])
+                self.press_power_button()
             else:
+                self.stop_deadline = self.next_press = None
                 self.destroy()
         elif kind == "lifecycle" and event[1] == libvirt.VIR_DOMAIN_EVENT_CRASHED:
             self.decide("failed", "panic")
+            self.destroy()
+
+    def press_power_button(self) -> None:
+        import libvirt
+
+        self.next_press = time.time() + POWER_BUTTON_REPEAT
+        try:
+            self.dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+        except libvirt.libvirtError:
+            self.stop_deadline = self.next_press = None
             self.destroy()
 
     def console(self, line: str) -> None:

@@ -127,7 +127,7 @@ guest (`build/guest/`): it boots, prints a line and powers off.
 | one guest, plain `qemu-system-x86_64` (q35, TCG), start to exit | {median(qemu_times):.2f} s |
 | one guest, `vmrun up` (warm state), start to exit | {median(vmrun_times):.2f} s |
 | ratio `vmrun up` / plain QEMU | {median(vmrun_times) / median(qemu_times):.2f} |
-| guest poweroff ("reboot: Power down" on the console) to `vmrun up` exit | {median(exit_delays):.3f} s |
+| guest poweroff ("reboot: Power down") to `vmrun up` exit | {median(exit_delays):.3f} s |
 | 4-VM stack, cold (no state directory, no capabilities cache) | {median(cold):.2f} s |
 | 4-VM stack, warm | {median(warm):.2f} s |
 

@@ -342,10 +342,7 @@ def main(argv: list[str]) -> int:
     driver.install_signals()
     if not _fastsig.set_pdeathsig(SUPERVISOR_DIED, spec["supervisor_pid"]):
         return 1  # the supervisor died before we could watch it: start nothing
-    if spec.get("probe"):
-        code = driver.probe()
-    else:
-        code = driver.run()
+    code = driver.probe() if spec.get("probe") else driver.run()
     sys.stdout.flush()
     sys.stderr.flush()
     # libvirt's event thread may block in one more iteration; do not wait for it.

@@ -387,8 +387,8 @@ class Supervisor:
         for vm in stack.vms:
             caps = vm_paths[vm.name].caps_dir
             caps.mkdir(parents=True, exist_ok=True)
-            for xml in cache.glob("*.xml"):
-                shutil.copy2(xml, caps / xml.name)
+            for cached in cache.glob("*.xml"):
+                shutil.copy2(cached, caps / cached.name)
 
         drivers: dict[str, Child] = {}
         if self.signal is None:

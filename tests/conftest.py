@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -95,7 +96,8 @@ class Up:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
+            # "one   | text" -> "one | text": the name column's padding is not tested here
+            self.lines.put(re.sub(r"^(\S+) +\| ", r"\1 | ", line.rstrip("\n")))
         self.lines.put(None)
 
     def expect(self, *fragments: str, timeout: float = 60) -> None:
@@ -174,19 +176,21 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> float:
 
 
 def driver_pid(vm: str, manifest: Path) -> int:
-    out = subprocess.run(["pgrep", "-f", f'vmrun.driver {{"name": "{vm}"'],
-                         capture_output=True, text=True, check=False).stdout.split()
-    pids = [int(p) for p in out if _cwd_is(int(p), manifest)]
-    assert len(pids) == 1, out
+    """The pid of the driver process of `vm` in the stack of `manifest`."""
+    wanted = [b"vmrun.driver", f'"name": "{vm}"'.encode(), os.fsencode(str(manifest.parent))]
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if all(w in cmd for w in wanted):
+            pids.append(int(entry))
+    assert len(pids) == 1, pids
     return pids[0]
-
-
-def _cwd_is(pid: int, manifest: Path) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return os.fsencode(str(manifest.parent)) in f.read()
-    except OSError:
-        return False
 
 
 @pytest.fixture

@@ -118,6 +118,7 @@ class Child:
     status: int | None = None  # raw wait status once reaped
     qemu_pid: int | None = None
     running_at: float | None = None
+    ended_at: float | None = None
     result: dict[str, Any] | None = None
     messages: list[dict[str, Any]] = field(default_factory=list)
 
@@ -327,6 +328,7 @@ class Supervisor:
             child = self.children.get(pid)
             if child is not None:
                 child.status = status
+                child.ended_at = time.time()
             elif pid in self.qemu_pids:
                 self.qemu_pids.discard(pid)
             else:
@@ -433,7 +435,7 @@ class Supervisor:
                 result.outcome = "failed"
                 result.reason = f"driver died ({_describe_status(child.status)})"
                 result.started = child.running_at
-                result.stopped = time.time()
+                result.stopped = child.ended_at or time.time()
             self.kill_qemu(child)  # it should be gone: make sure
             _fastsig.unregister_group(child.pid)
 

@@ -11,7 +11,6 @@ import json
 import os
 import queue
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -144,25 +143,23 @@ def last_run(manifest: Path, name: str = "t") -> dict[str, Any]:
     return data
 
 
+def processes() -> Iterator[tuple[int, bytes]]:
+    """(pid, command line) of every process that has one (zombies have none)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    yield int(entry), f.read()
+            except OSError:
+                continue
+
+
 def stack_qemus(manifest: Path, vms: list[str], name: str = "t") -> dict[str, int]:
     """QEMU processes (not zombies) running for the given VMs of a stack, by VM name."""
     paths = StackPaths(manifest.parent / ".vmrun" / name)
     roots = {vm: os.fsencode(str(paths.vm(vm).root)) for vm in vms}
-    found: dict[str, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read()
-        except OSError:
-            continue
-        if b"qemu-system" not in cmd:
-            continue
-        for vm, root in roots.items():
-            if root in cmd:
-                found[vm] = int(entry)
-    return found
+    return {vm: pid for pid, cmd in processes() if b"qemu-system" in cmd
+            for vm, root in roots.items() if root in cmd}
 
 
 def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> float:
@@ -178,30 +175,6 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> float:
 def driver_pid(vm: str, manifest: Path) -> int:
     """The pid of the driver process of `vm` in the stack of `manifest`."""
     wanted = [b"vmrun.driver", f'"name": "{vm}"'.encode(), os.fsencode(str(manifest.parent))]
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read()
-        except OSError:
-            continue
-        if all(w in cmd for w in wanted):
-            pids.append(int(entry))
+    pids = [pid for pid, cmd in processes() if all(w in cmd for w in wanted)]
     assert len(pids) == 1, pids
     return pids[0]
-
-
-@pytest.fixture
-def running() -> Iterator[list[Up]]:
-    """Collects `Up` processes and makes sure none outlives its test."""
-    ups: list[Up] = []
-    yield ups
-    for up in ups:
-        if up.proc.poll() is None:
-            up.proc.send_signal(signal.SIGTERM)
-            try:
-                up.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                up.kill()

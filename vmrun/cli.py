@@ -78,8 +78,13 @@ class Printer:
     def __call__(self, vm: str, event: str, data: dict[str, Any]) -> None:
         if event == "console":
             if not self.quiet:
-                self.out.write(f"{vm:<{self.width}} | {data.get('line', '')}\n")
-                self.out.flush()
+                try:
+                    self.out.write(f"{vm:<{self.width}} | {data.get('line', '')}\n")
+                    self.out.flush()
+                except BrokenPipeError:
+                    # The reader went away (`vmrun up | head`): keep running the stack.
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), self.out.fileno())
+                    self.quiet = True
         elif event == "probing":
             self.note("probing QEMU's capabilities (once per host and QEMU build)")
         elif event == "signal":
@@ -126,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except KeyboardInterrupt:  # before any VM was started (afterwards SIGINT is handled)
+        print("vmrun: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
 from typing import Any, TextIO
 
-from vmrun import __version__, domain, host, manifest
+from vmrun import __version__, console, control, detach, domain, host, manifest, operate
 from vmrun.errors import EXIT_USAGE, UsageError, VmrunError
 from vmrun.layout import StackPaths
 
@@ -38,6 +39,37 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep state in DIR/<name>/ instead of the manifest's state_dir")
     up.add_argument("-q", "--quiet", action="store_true",
                     help="do not stream consoles; print only the summary")
+    up.add_argument("-d", "--detach", action="store_true",
+                    help="run in the background; return once every VM is running")
+    up.add_argument("--wait", action="store_true",
+                    help="with --detach: return once every VM is ready (see `ready`)")
+
+    ps = sub.add_parser("ps", help="show the state of each VM (exit 0 if the stack runs)")
+    ps.add_argument("--json", action="store_true", help="print JSON")
+
+    down = sub.add_parser("down", help="stop a running stack, or clean up after a crashed one")
+    down.add_argument("--timeout", type=float, metavar="S",
+                      help="seconds each guest gets to shut down (default: stop_timeout)")
+
+    logs = sub.add_parser("logs", help="print the VMs' console output")
+    logs.add_argument("vms", nargs="*", metavar="VM", help="only these VMs")
+    logs.add_argument("-f", "--follow", action="store_true",
+                      help="keep printing new output until the stack stops")
+    logs.add_argument("--tail", type=int, metavar="N", help="only the last N lines of each VM")
+
+    sub.add_parser("clean", help="remove the stack's state (refused while it runs)")
+
+    console = sub.add_parser("console", help="attach to a running VM's serial console "
+                                             "(Ctrl-] leaves)")
+    console.add_argument("file", help="the stack's manifest")
+    console.add_argument("vm", help="the VM")
+
+    for name in ("ps", "down", "logs", "clean", "console"):
+        verb = sub.choices[name]
+        if name != "console":
+            verb.add_argument("file", help="the stack's manifest")
+        verb.add_argument("--state-dir", metavar="DIR",
+                          help="the state directory the stack was started with")
     return parser
 
 
@@ -110,14 +142,142 @@ class Printer:
 def cmd_up(args: argparse.Namespace) -> int:
     from vmrun.supervisor import Supervisor
 
+    if args.wait and not args.detach:
+        raise UsageError("--wait goes with --detach")
     stack = manifest.load(args.file, state_dir=args.state_dir)
+    if args.detach:
+        return up_detached(stack, args.wait)
     printer = Printer([vm.name for vm in stack.vms], args.quiet)
     result = Supervisor(stack, printer).run()
     printer.summary(result)
     return result.exit
 
 
-COMMANDS = {"check": cmd_check, "render": cmd_render, "up": cmd_up}
+def up_detached(stack: manifest.Stack, wait_ready: bool) -> int:
+    host.check(stack.accel)  # exit 3 here, in the foreground, before forking
+    for report in detach.start(stack, wait_ready):
+        event = report.get("ev")
+        if event == "vm":
+            print(f"vmrun: {report['vm']} {report['state']}", file=sys.stderr)
+        elif event == "up":
+            print(f"vmrun: stack {stack.name} is up (supervisor pid {report['pid']}); "
+                  f"stop it with: vmrun down {stack.path}", file=sys.stderr)
+            return 0
+        elif event == "failed":
+            reason = report.get("reason") or ""
+            print(f"vmrun: error: {report['vm']} {report['outcome']}"
+                  + (f": {reason}" if reason else ""), file=sys.stderr)
+            return 1
+        elif event == "error":
+            for line in report.get("lines", []):
+                print(f"vmrun: error: {line}", file=sys.stderr)
+            return int(report.get("code", 1))
+    print("vmrun: error: the background supervisor ended before the stack was up; "
+          f"see {StackPaths(stack.state_dir).dir / 'up.log'}", file=sys.stderr)
+    return 1
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    out = []
+    for row in rows:
+        cells = [row[i].ljust(widths[i]) for i in range(len(widths))] + [row[-1]]
+        out.append("  ".join(cells).rstrip())
+    return "\n".join(out) + "\n"
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    stack = manifest.load(args.file, state_dir=args.state_dir)
+    state = operate.status(stack)
+    if args.json:
+        data: dict[str, Any] = {"stack": stack.name, "running": state is not None}
+        if state is not None:
+            data.update(state)
+        else:
+            data["last_run"] = operate.last_run(stack)
+        print(json.dumps(data, indent=2))
+        return 0 if state is not None else 1
+    if state is None:
+        last = operate.last_run(stack)
+        print(f"stack {stack.name} is not running", file=sys.stderr)
+        if last:
+            rows: list[tuple[str, ...]] = [("VM", "STATE", "OUTCOME", "REASON")]
+            rows += [(name, "stopped", vm.get("outcome") or "-", vm.get("reason") or "")
+                     for name, vm in last.get("vms", {}).items()]
+            sys.stdout.write(_table(rows))
+        return 1
+    table: list[tuple[str, ...]] = [
+        ("VM", "STATE", "OUTCOME", "UPTIME", "ACCEL", "QEMU PID", "REASON")]
+    for name, vm in state["vms"].items():
+        table.append((name, vm["state"], vm["outcome"] or "-", _age(vm["uptime"]),
+                      vm["accel"] or "-", str(vm["qemu_pid"] or "-"), vm["reason"] or ""))
+    sys.stdout.write(_table(table))
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    stack = manifest.load(args.file, state_dir=args.state_dir)
+    result = operate.down(stack, args.timeout)
+    if result.was_running:
+        print(f"vmrun: stack {stack.name} stopped", file=sys.stderr)
+    elif result.killed:
+        print(f"vmrun: stack {stack.name} was not running; killed "
+              f"{len(result.killed)} leftover process(es) of a crashed run", file=sys.stderr)
+    else:
+        print(f"vmrun: stack {stack.name} is not running", file=sys.stderr)
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    stack = manifest.load(args.file, state_dir=args.state_dir)
+    names = operate.check_vm_names(stack, args.vms)
+    width = max(len(n) for n in names)
+    for vm, line in operate.logs(stack, names, args.follow, args.tail):
+        sys.stdout.write(f"{vm:<{width}} | {line}\n")
+        if args.follow:
+            sys.stdout.flush()
+    return 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    stack = manifest.load(args.file, state_dir=args.state_dir)
+    for path in operate.clean(stack):
+        print(f"vmrun: removed {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    stack = manifest.load(args.file, state_dir=args.state_dir)
+    (name,) = operate.check_vm_names(stack, [args.vm])
+    paths = StackPaths(stack.state_dir)
+    if control.lock_holder(paths) is None:
+        raise VmrunError(f'stack "{stack.name}" is not running',
+                         hint=f"start it with: vmrun up --detach {args.file}")
+    print(f"vmrun: connected to {name}'s console; press Ctrl-] to leave", file=sys.stderr)
+    try:
+        why = console.attach(paths.vm(name).attach_socket)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise VmrunError(f'VM "{name}" is not running') from None
+    if why == "closed":
+        print(f"\r\nvmrun: {name}'s console closed (the VM stopped)", file=sys.stderr)
+    else:
+        print(f"\r\nvmrun: left {name}'s console", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"check": cmd_check, "render": cmd_render, "up": cmd_up, "ps": cmd_ps,
+            "down": cmd_down, "logs": cmd_logs, "console": cmd_console, "clean": cmd_clean}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except KeyboardInterrupt:  # before any VM was started (afterwards SIGINT is handled)
+    except KeyboardInterrupt:  # before any VM was started, or in ps/logs/down
         print("vmrun: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
 

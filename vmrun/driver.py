@@ -27,16 +27,16 @@ import os
 import re
 import select
 import signal
-import socket
 import sys
 import threading
 import time
 from typing import Any
 
-from vmrun import _fastsig
+from vmrun import _fastsig, console
 from vmrun.domain import PANIC_PATTERN
 
 STATUS_FD = 3
+COMMAND_FD = 0
 SUPERVISOR_DIED = signal.SIGUSR1
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 POWER_BUTTON_REPEAT = 1.0  # seconds between ACPI power-button presses while stopping
@@ -78,10 +78,13 @@ class Driver:
         self.success_seen = False
         self.stop_deadline: float | None = None
         self.next_press: float | None = None  # the power button is pressed again then
-        self.signals_seen = 0
+        self.stop_requests = 0
+        self.command_buffer = b""
         self.started = 0.0
         self.success = re.compile(spec["success"]) if spec.get("success") else None
         self.failure = re.compile(spec["failure"]) if spec.get("failure") else None
+        self.ready = re.compile(spec["ready"]) if spec.get("ready") else None
+        self.is_ready = False
         self.panic = re.compile(PANIC_PATTERN)
         self.reader_ready = threading.Event()
 
@@ -172,6 +175,8 @@ class Driver:
             self.reader_ready.wait(10)
             self.started = time.time()
             self.dom.resume()
+            if self.ready is None:
+                self.mark_ready()
         except libvirt.libvirtError as exc:
             self.check_supervisor()
             message = exc.get_error_message() or str(exc)
@@ -181,33 +186,13 @@ class Driver:
         return self.loop()
 
     def read_console(self) -> None:
-        """Copy the serial console to the log file and, line by line, to the main loop."""
-        path = self.spec["console_socket"]
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        """Relay the serial console (log file, main loop, `vmrun console` clients)."""
         try:
-            sock.connect(path)
+            console.relay(self.spec["console_socket"], self.spec["attach_socket"],
+                          self.spec["console_log"], lambda line: self.post("console", line),
+                          self.reader_ready.set)
         except OSError as exc:
-            self.post("console-error", str(exc))
-            self.reader_ready.set()
-            return
-        self.reader_ready.set()
-        pending = b""
-        with open(self.spec["console_log"], "ab", buffering=0) as log:
-            while True:
-                try:
-                    chunk = sock.recv(65536)
-                except OSError:
-                    chunk = b""
-                if not chunk:
-                    break
-                log.write(chunk)
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for line in lines:
-                    self.post("console", line.rstrip(b"\r").decode("utf-8", "replace"))
-            if pending:
-                self.post("console", pending.rstrip(b"\r").decode("utf-8", "replace"))
-        sock.close()
+            print(f"vmrun driver: console relay: {exc}", file=sys.stderr)
         self.post("console-eof")
 
     # --- the main loop --------------------------------------------------------------------
@@ -217,16 +202,22 @@ class Driver:
 
         timeout = self.spec.get("timeout")
         deadline = self.started + timeout if timeout else None
+        ready_timeout = float(self.spec.get("ready_timeout") or 0)
+        ready_deadline = self.started + ready_timeout if self.ready and ready_timeout else None
         while True:
-            waits = [d - time.time() for d in (deadline, self.stop_deadline, self.next_press)
+            if self.is_ready or self.outcome is not None:
+                ready_deadline = None
+            waits = [d - time.time() for d in
+                     (deadline, ready_deadline, self.stop_deadline, self.next_press)
                      if d is not None]
             wait = max(0.0, min(waits)) if waits else None
             if not self.events:
                 with contextlib.suppress(InterruptedError):
-                    select.select([self.wake_r], [], [], wait)
+                    select.select([self.wake_r, COMMAND_FD], [], [], wait)
                 with contextlib.suppress(BlockingIOError):
                     while os.read(self.wake_r, 4096):
                         pass
+            self.read_commands()
             self.check_supervisor()
             while self.events:
                 event = self.events.popleft()
@@ -236,6 +227,9 @@ class Driver:
             now_wall = time.time()
             if deadline is not None and now_wall >= deadline and self.outcome is None:
                 self.decide("failed", f"timeout after {timeout:g}s")
+                self.destroy()
+            if ready_deadline is not None and now_wall >= ready_deadline:
+                self.decide("failed", f"not ready after {ready_timeout:g}s")
                 self.destroy()
             if self.stop_deadline is not None and now_wall >= self.stop_deadline:
                 self.stop_deadline = self.next_press = None
@@ -251,18 +245,43 @@ class Driver:
         if kind == "console":
             self.console(event[1])
         elif kind == "signal" and event[1] in STOP_SIGNALS:
-            self.signals_seen += 1
-            self.decide("stopped", f"signal {signal.Signals(event[1]).name}")
-            if self.signals_seen == 1:
-                self.status.send(ev="stopping", reason="shutdown requested")
-                self.stop_deadline = time.time() + float(self.spec["stop_timeout"])
-                self.press_power_button()
-            else:
-                self.stop_deadline = self.next_press = None
-                self.destroy()
+            self.stop(f"signal {signal.Signals(event[1]).name}", float(self.spec["stop_timeout"]))
+        elif kind == "command" and event[1].get("cmd") == "stop":
+            self.stop(str(event[1].get("reason", "stopped on request")),
+                      float(event[1].get("timeout", self.spec["stop_timeout"])))
+        elif kind == "command" and event[1].get("cmd") == "destroy":
+            self.decide("stopped", str(event[1].get("reason", "destroyed on request")))
+            self.stop_deadline = self.next_press = None
+            self.destroy()
         elif kind == "lifecycle" and event[1] == libvirt.VIR_DOMAIN_EVENT_CRASHED:
             self.decide("failed", "panic")
             self.destroy()
+
+    def stop(self, reason: str, timeout: float) -> None:
+        """First request: ACPI power button, destroy after `timeout`; next: destroy now."""
+        self.stop_requests += 1
+        self.decide("stopped", reason)
+        if self.stop_requests == 1 and timeout > 0:
+            self.status.send(ev="stopping", reason=reason)
+            self.stop_deadline = time.time() + timeout
+            self.press_power_button()
+        else:
+            self.stop_deadline = self.next_press = None
+            self.destroy()
+
+    def read_commands(self) -> None:
+        """Commands from the supervisor, JSON lines on stdin; EOF means it is gone."""
+        try:
+            data = os.read(COMMAND_FD, 65536)
+        except BlockingIOError:
+            return
+        if not data:
+            self.supervisor_died()
+        self.command_buffer += data
+        *lines, self.command_buffer = self.command_buffer.split(b"\n")
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                self.events.append(("command", json.loads(line)))
 
     def press_power_button(self) -> None:
         import libvirt
@@ -286,6 +305,12 @@ class Driver:
             self.destroy()
         elif self.success is not None and self.success.search(line):
             self.success_seen = True
+        if not self.is_ready and self.ready is not None and self.ready.search(line):
+            self.mark_ready()
+
+    def mark_ready(self) -> None:
+        self.is_ready = True
+        self.status.send(ev="ready")
 
     def decide(self, outcome: str, reason: str) -> None:
         if self.outcome is None:
@@ -339,6 +364,7 @@ def read_pidfile(root: str, name: str) -> int | None:
 def main(argv: list[str]) -> int:
     spec = json.loads(argv[1])
     driver = Driver(spec)
+    os.set_blocking(COMMAND_FD, False)
     driver.install_signals()
     if not _fastsig.set_pdeathsig(SUPERVISOR_DIED, spec["supervisor_pid"]):
         return 1  # the supervisor died before we could watch it: start nothing

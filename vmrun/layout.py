@@ -43,6 +43,10 @@ class VMPaths:
         return self.root / "console.sock"
 
     @property
+    def attach_socket(self) -> Path:
+        return self.root / "attach.sock"
+
+    @property
     def qemu_conf(self) -> Path:
         return self.root / "etc" / "qemu.conf"
 

@@ -25,6 +25,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmrun import _fastsig, domain, host
+from vmrun import _fastsig, control, domain, host, procs
 from vmrun.errors import EXIT_FAILED, EXIT_OK, HostError
 from vmrun.layout import StackPaths, VMPaths, short_root_base
 from vmrun.manifest import VM, Stack
@@ -112,6 +113,7 @@ class Child:
     name: str
     pid: int
     fd: int  # read end of its status pipe
+    command_fd: int  # write end of its command pipe (its stdin)
     paths: VMPaths
     buffer: bytes = b""
     eof: bool = False
@@ -122,9 +124,24 @@ class Child:
     result: dict[str, Any] | None = None
     messages: list[dict[str, Any]] = field(default_factory=list)
 
+    state: str = "starting"
+    ready_at: float | None = None
+
     @property
     def done(self) -> bool:
         return self.eof and self.status is not None
+
+    def command(self, **message: Any) -> None:
+        """Send a command to the driver; a driver that is gone cannot take it."""
+        if self.command_fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            os.write(self.command_fd, (json.dumps(message) + "\n").encode())
+
+    def close_commands(self) -> None:
+        if self.command_fd >= 0:
+            os.close(self.command_fd)
+            self.command_fd = -1
 
 
 Listener = Callable[[str, str, dict[str, Any]], None]
@@ -141,17 +158,26 @@ class Supervisor:
         self.exits: dict[int, int] = {}  # pid -> raw status, for pids not (yet) known
         self.qemu_pids: set[int] = set()
         self.signal: int | None = None
-        self.signal_time: float | None = None
         self.wake_r = -1
         self.lock_fd = -1
         self.orphaned: set[str] = set()  # VMs whose driver died and whose QEMU was killed
+        self.drivers: dict[str, Child] = {}  # by VM name
+        self.control: socket.socket | None = None
+        self.clients: dict[int, tuple[socket.socket, bytes]] = {}
+        self.waiters: list[socket.socket] = []  # `vmrun down` clients waiting for our exit
+        self.down_requested = False
+        self.teardown_deadline: float | None = None
+        self.started_at = time.time()
+        self.accel = ""
 
     # --- set-up ---------------------------------------------------------------------------
 
     def run(self) -> RunResult:
         the_host = host.check(self.stack.accel)
+        self.accel = the_host.accel.name
         self.take_lock()
         try:
+            self.control = control.listen(self.paths)
             self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             _fastsig.set_child_subreaper()
             _fastsig.install(wake_w, FORWARDED)
@@ -162,7 +188,20 @@ class Supervisor:
                 os.close(wake_w)
                 os.close(self.wake_r)
         finally:
+            self.close_control()
             os.close(self.lock_fd)
+
+    def close_control(self) -> None:
+        if self.control is not None:
+            control.remove_stale_socket(self.paths)
+            self.control.close()
+            self.control = None
+        for conn, _ in self.clients.values():
+            conn.close()
+        for conn in self.waiters:  # `vmrun down` returns when it sees this EOF
+            conn.close()
+        self.clients.clear()
+        self.waiters.clear()
 
     def take_lock(self) -> None:
         stack_dir = self.paths.dir
@@ -200,25 +239,11 @@ class Supervisor:
                 paths.root_link.symlink_to(paths.root)
         else:
             paths.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.kill_stale_qemu(paths, vm.name)
-        shutil.rmtree(paths.run_dir, ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            paths.console_socket.unlink()
         paths.qemu_conf.parent.mkdir(parents=True, exist_ok=True)
         paths.qemu_conf.write_text(QEMU_CONF_ROOT if os.geteuid() == 0 else QEMU_CONF_USER)
         paths.console_log.write_bytes(b"")
         with open(paths.driver_log, "ab") as log:
             log.write(f"--- vmrun driver log, {time.ctime()} ---\n".encode())
-
-    def kill_stale_qemu(self, paths: VMPaths, name: str) -> None:
-        pid = _read_pid(paths.pidfile(name))
-        if pid is None or not _is_qemu_of(pid, paths.root):
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while _is_qemu_of(pid, paths.root) and time.monotonic() < deadline:
-            self.wait_events(0.05)
 
     # --- the capabilities cache -----------------------------------------------------------
 
@@ -271,6 +296,7 @@ class Supervisor:
 
     def spawn(self, name: str, spec: dict[str, Any], paths: VMPaths) -> Child:
         spec = dict(spec, supervisor_pid=os.getpid())
+        cmd_r, cmd_w = (fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in os.pipe2(os.O_CLOEXEC))
         r, w = os.pipe2(os.O_CLOEXEC)
         # Keep both ends away from 0-3 so the dup2 onto fd 3 below is always a real copy.
         r2 = fcntl.fcntl(r, fcntl.F_DUPFD_CLOEXEC, 10)
@@ -288,7 +314,7 @@ class Supervisor:
                 [sys.executable, "-m", "vmrun.driver", json.dumps(spec)],
                 env,
                 file_actions=[
-                    (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, cmd_r, 0),
                     (os.POSIX_SPAWN_OPEN, 1, str(paths.driver_log),
                      os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
                     (os.POSIX_SPAWN_DUP2, 1, 2),
@@ -298,16 +324,19 @@ class Supervisor:
             )
         finally:
             os.close(w2)
+            os.close(cmd_r)
         _fastsig.register_group(pid)
-        child = Child(name=name, pid=pid, fd=r2, paths=paths)
+        child = Child(name=name, pid=pid, fd=r2, paths=paths, command_fd=cmd_w)
         self.children[pid] = child
         if pid in self.exits:  # it exited before we got here
             child.status = self.exits.pop(pid)
         return child
 
     def wait_events(self, timeout: float | None) -> None:
-        """Wait for a signal, a child exit or driver output, and handle what came."""
+        """Wait for a signal, a child exit, driver output or a control request."""
         fds = [self.wake_r] + [c.fd for c in self.children.values() if not c.eof]
+        if self.control is not None:
+            fds += [self.control.fileno(), *self.clients]
         with contextlib.suppress(InterruptedError):
             ready, _, _ = select.select(fds, [], [], timeout)
         with contextlib.suppress(BlockingIOError):
@@ -317,11 +346,102 @@ class Supervisor:
         for signum in _fastsig.take_signals():
             if self.signal is None:
                 self.signal = signum
-                self.signal_time = time.monotonic()
+                self.begin_teardown(self.stack.stop_timeout)
                 self.listener("", "signal", {"signal": signum})
         for child in list(self.children.values()):
             if not child.eof:
                 self.read_status(child)
+        if self.control is not None:
+            self.serve_control()
+
+    def begin_teardown(self, timeout: float) -> None:
+        if self.teardown_deadline is None:
+            self.teardown_deadline = time.monotonic() + timeout + TEARDOWN_GRACE
+
+    # --- the control socket -----------------------------------------------------------
+
+    def serve_control(self) -> None:
+        assert self.control is not None
+        while True:
+            try:
+                conn, _ = self.control.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            conn.setblocking(False)
+            self.clients[conn.fileno()] = (conn, b"")
+        for fd, (conn, buffer) in list(self.clients.items()):
+            try:
+                data = conn.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                del self.clients[fd]
+                conn.close()
+                continue
+            buffer += data
+            *lines, buffer = buffer.split(b"\n")
+            self.clients[fd] = (conn, buffer)
+            for line in lines:
+                try:
+                    request = json.loads(line)
+                except ValueError:
+                    request = {}
+                reply, keep = self.control_request(request)
+                with contextlib.suppress(OSError):
+                    conn.setblocking(True)
+                    conn.sendall((json.dumps(reply) + "\n").encode())
+                    conn.setblocking(False)
+                if keep:  # the client waits for EOF: it comes when this process exits
+                    del self.clients[fd]
+                    self.waiters.append(conn)
+                    break
+
+    def control_request(self, request: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        command = request.get("cmd")
+        if command == "ps":
+            return self.snapshot(), False
+        if command == "down":
+            timeout = request.get("timeout")
+            if not isinstance(timeout, int | float) or timeout < 0:
+                timeout = self.stack.stop_timeout
+            self.down(float(timeout))
+            return {"ok": True, "pid": os.getpid()}, True
+        return {"ok": False, "error": f"unknown request {command!r}"}, False
+
+    def down(self, timeout: float) -> None:
+        """Stop every VM on request (`vmrun down`): ACPI, destroy after `timeout`."""
+        if not self.down_requested:
+            self.listener("", "down", {"timeout": timeout})
+        self.down_requested = True
+        self.begin_teardown(timeout)
+        for child in self.children.values():
+            if child.name and not child.done:
+                child.command(cmd="stop", timeout=timeout, reason="stopped by vmrun down")
+
+    def snapshot(self) -> dict[str, Any]:
+        now = time.time()
+        vms: dict[str, Any] = {}
+        for vm in self.stack.vms:
+            child = self.drivers.get(vm.name)
+            entry: dict[str, Any] = {"state": "starting", "outcome": None, "reason": None,
+                                     "started": None, "uptime": None, "qemu_pid": None,
+                                     "accel": self.accel}
+            if child is not None:
+                entry["state"] = child.state
+                entry["qemu_pid"] = child.qemu_pid
+                if child.running_at is not None:
+                    entry["started"] = _iso(child.running_at)
+                    end = child.ended_at if child.state == "stopped" else None
+                    entry["uptime"] = round((end or now) - child.running_at, 1)
+                if child.result is not None:
+                    entry["outcome"] = child.result.get("outcome")
+                    entry["reason"] = child.result.get("reason")
+            vms[vm.name] = entry
+        return {"stack": self.stack.name, "pid": os.getpid(), "accel": self.accel,
+                "started": _iso(self.started_at), "manifest": str(self.stack.path),
+                "stopping": self.signal is not None or self.down_requested, "vms": vms}
 
     def reap(self) -> None:
         for pid, status in _fastsig.reap():
@@ -357,6 +477,12 @@ class Supervisor:
         event = message.get("ev")
         if event != "console":
             child.messages.append(message)
+        if event in ("running", "ready", "stopping"):
+            child.state = str(event)
+        if event == "result":
+            child.state = "stopped"
+        if event == "ready":
+            child.ready_at = time.time()
         if event == "running":
             pid = message.get("pid")
             child.running_at = time.time()
@@ -379,6 +505,8 @@ class Supervisor:
         vm_paths = {vm.name: self.paths.vm(vm.name) for vm in stack.vms}
         results = {vm.name: VMResult(vm.name, console=str(vm_paths[vm.name].console_log))
                    for vm in stack.vms}
+        # Whatever a crashed run of this stack left goes first (we hold the lock).
+        procs.clean_runtime(self.paths, vm_paths, wait=self.wait_events)
         for vm in stack.vms:
             self.prepare_vm(vm, vm_paths[vm.name])
         probe_root = short_root_base() / f"probe-{os.getpid()}"
@@ -392,20 +520,24 @@ class Supervisor:
             for cached in cache.glob("*.xml"):
                 shutil.copy2(cached, caps / cached.name)
 
-        drivers: dict[str, Child] = {}
-        if self.signal is None:
+        drivers = self.drivers
+        if self.signal is None and not self.down_requested:
             for vm in stack.vms:
                 paths = vm_paths[vm.name]
                 xml = domain.to_string(domain.build(vm, accel, paths.console_socket))
                 spec = {
                     "name": vm.name, "root": str(paths.root), "xml": xml,
                     "console_socket": str(paths.console_socket),
+                    "attach_socket": str(paths.attach_socket),
                     "console_log": str(paths.console_log),
                     "success": vm.success, "failure": vm.failure, "timeout": vm.timeout,
                     "stop_timeout": stack.stop_timeout,
                 }
                 drivers[vm.name] = self.spawn(vm.name, spec, paths)
                 self.listener(vm.name, "spawned", {"pid": drivers[vm.name].pid})
+                if self.down_requested:  # asked while we were spawning
+                    drivers[vm.name].command(cmd="stop", timeout=stack.stop_timeout,
+                                             reason="stopped by vmrun down")
         else:
             for result in results.values():
                 result.outcome, result.reason = "stopped", "stopped before it started"
@@ -416,8 +548,7 @@ class Supervisor:
                 if child.done and child.result is None and child.name not in self.orphaned:
                     self.orphaned.add(child.name)
                     self.kill_qemu(child)
-            if self.signal_time is not None and \
-                    time.monotonic() - self.signal_time > stack.stop_timeout + TEARDOWN_GRACE:
+            if self.teardown_deadline is not None and time.monotonic() > self.teardown_deadline:
                 for child in drivers.values():
                     if not child.done:
                         self.kill_qemu(child)
@@ -438,17 +569,19 @@ class Supervisor:
                 result.stopped = child.ended_at or time.time()
             self.kill_qemu(child)  # it should be gone: make sure
             _fastsig.unregister_group(child.pid)
+            child.close_commands()
 
         # Let the last QEMU zombies be reaped before leaving.
         deadline = time.monotonic() + 5
         while self.qemu_pids and time.monotonic() < deadline:
-            self.qemu_pids = {p for p in self.qemu_pids if _alive(p)}
+            self.qemu_pids = {p for p in self.qemu_pids if procs.alive(p)}
             if self.qemu_pids:
                 self.wait_events(0.05)
 
         if self.signal is not None:
             code = 128 + self.signal
-        elif all(r.outcome == "ok" for r in results.values()):
+        elif all(r.outcome == "ok" or (r.outcome == "stopped" and self.down_requested)
+                 for r in results.values()):
             code = EXIT_OK
         else:
             code = EXIT_FAILED
@@ -461,38 +594,12 @@ class Supervisor:
 
     def kill_qemu(self, child: Child) -> None:
         """Kill the QEMU of a driver that is gone (checked to be that VM's QEMU)."""
-        candidates = {child.qemu_pid, _read_pid(child.paths.pidfile(child.name))}
+        candidates = {child.qemu_pid, procs.read_pid(child.paths.pidfile(child.name))}
         for pid in candidates:
-            if pid and _is_qemu_of(pid, child.paths.root):
+            if pid and procs.is_qemu_of(pid, child.paths.root):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 self.qemu_pids.add(pid)
-
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def _is_qemu_of(pid: int, root: Path) -> bool:
-    """True while `pid` is a live QEMU started for the embedded root `root`."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-    except OSError:
-        return False
-    return b"qemu" in cmdline and os.fsencode(str(root)) in cmdline and _alive(pid)
 
 
 def _describe_status(status: int | None) -> str:

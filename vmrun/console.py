@@ -1,0 +1,142 @@
+"""Serial consoles: the relay inside a driver and the interactive client of `vmrun console`.
+
+QEMU serves the guest's first serial port on a UNIX socket and accepts one connection:
+the driver's.  The driver's relay copies everything the guest writes to the VM's
+console.log and, line by line, to the driver's main loop; it also serves `attach.sock`
+in the VM's root, where `vmrun console` clients connect: they get the guest's output as
+it comes, and what they type goes to the guest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import sys
+import termios
+import tty
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ESCAPE = 0x1D  # Ctrl-]
+CLIENT_SEND_TIMEOUT = 2.0
+
+
+def relay(qemu_socket: str, attach_socket: str, log_path: str,
+          on_line: Callable[[str], None], on_connected: Callable[[], None]) -> None:
+    """Run until the guest's console closes (QEMU exited); never raises for I/O errors."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(qemu_socket)
+    finally:
+        on_connected()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(attach_socket)
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(attach_socket)
+    finally:
+        os.umask(old_umask)
+    listener.listen(4)
+    clients: list[socket.socket] = []
+    pending = b""
+    with open(log_path, "ab", buffering=0) as log:
+        while True:
+            readable, _, _ = select.select([sock, listener, *clients], [], [])
+            if listener in readable:
+                client, _ = listener.accept()
+                client.settimeout(CLIENT_SEND_TIMEOUT)
+                clients.append(client)
+            for client in [c for c in clients if c in readable]:
+                try:
+                    data = client.recv(4096)
+                    if data:
+                        sock.sendall(data)
+                except OSError:
+                    data = b""
+                if not data:
+                    clients.remove(client)
+                    client.close()
+            if sock not in readable:
+                continue
+            try:
+                chunk = sock.recv(65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                break
+            log.write(chunk)
+            for client in list(clients):
+                try:
+                    client.sendall(chunk)
+                except OSError:  # a client that does not keep up is dropped
+                    clients.remove(client)
+                    client.close()
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                on_line(line.rstrip(b"\r").decode("utf-8", "replace"))
+        if pending:
+            on_line(pending.rstrip(b"\r").decode("utf-8", "replace"))
+    for client in clients:
+        client.close()
+    listener.close()
+    with contextlib.suppress(OSError):
+        os.unlink(attach_socket)
+    sock.close()
+
+
+class _Leave(Exception):
+    pass
+
+
+def _raise_leave(signum: int, frame: Any) -> None:
+    raise _Leave
+
+
+def attach(attach_socket: Path, stdin: int = 0, stdout: int = 1) -> str:
+    """Connect the terminal to a guest's console until Ctrl-], EOF or a signal.
+
+    The terminal is put in raw mode and restored on every way out.  Returns why it ended:
+    "escape", "closed" (the VM stopped) or "signal".
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.connect(str(attach_socket))
+    saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
+    handlers = {s: signal.signal(s, _raise_leave)
+                for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    why = "closed"
+    try:
+        if saved is not None:
+            tty.setraw(stdin, termios.TCSANOW)
+        while True:
+            readable, _, _ = select.select([stdin, sock.fileno()], [], [])
+            if sock.fileno() in readable:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                os.write(stdout, data)
+            if stdin in readable:
+                data = os.read(stdin, 4096)
+                if not data:
+                    why = "escape"
+                    break
+                if ESCAPE in data:
+                    sock.sendall(data[:data.index(ESCAPE)])
+                    why = "escape"
+                    break
+                sock.sendall(data)
+    except _Leave:
+        why = "signal"
+    finally:
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        sock.close()
+        sys.stdout.flush()
+    return why

@@ -1,0 +1,126 @@
+"""The control channel of a running stack, and how to tell whether a stack runs.
+
+A running `vmrun up` holds an exclusive flock on `<stack>/lock` (its drivers inherit it,
+so the stack counts as running until the last of them is gone) and serves
+`<stack>/control.sock` (mode 0600, in the 0700 state directory).  Requests and replies
+are single JSON lines.  A socket is only trusted while the lock is held: a socket left by
+a supervisor that died is detected (lock free, or connection refused) and removed.
+
+Socket paths are limited to 108 bytes and a state directory can be deep, so the socket is
+bound and reached through /proc/self/fd/N/control.sock, N an O_PATH descriptor of the
+directory: a short path that names the socket in a directory of any depth.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from vmrun.layout import StackPaths
+
+SOCKET_NAME = "control.sock"
+
+
+class NotRunning(Exception):
+    """The stack has no live supervisor."""
+
+
+def lock_holder(paths: StackPaths) -> int | None:
+    """The pid written in the lock while the lock is held, or None when nothing runs."""
+    try:
+        fd = os.open(paths.lock, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _short_path(directory: Path) -> Iterator[str]:
+    fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{SOCKET_NAME}"
+    finally:
+        os.close(fd)
+
+
+def listen(paths: StackPaths) -> socket.socket:
+    """Bind the control socket (the caller holds the stack's lock)."""
+    with contextlib.suppress(FileNotFoundError):
+        (paths.dir / SOCKET_NAME).unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old_umask = os.umask(0o177)
+    try:
+        with _short_path(paths.dir) as path:
+            sock.bind(path)
+    finally:
+        os.umask(old_umask)
+    sock.listen(16)
+    sock.setblocking(False)
+    return sock
+
+
+def connect(paths: StackPaths, timeout: float | None = 10.0) -> socket.socket:
+    """Connect to a running stack; raise NotRunning (cleaning a stale socket) otherwise."""
+    if lock_holder(paths) is None:
+        remove_stale_socket(paths)
+        raise NotRunning
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout)
+    try:
+        with _short_path(paths.dir) as path:
+            sock.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        if lock_holder(paths) is None:
+            remove_stale_socket(paths)
+        raise NotRunning from None
+    return sock
+
+
+def remove_stale_socket(paths: StackPaths) -> None:
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        (paths.dir / SOCKET_NAME).unlink()
+
+
+def request(paths: StackPaths, message: dict[str, Any],
+            timeout: float | None = 10.0) -> tuple[dict[str, Any], socket.socket]:
+    """Send one request, return the first reply and the socket (for more replies/EOF)."""
+    sock = connect(paths, timeout)
+    sock.sendall((json.dumps(message) + "\n").encode())
+    reader = sock.makefile("rb")
+    line = reader.readline()
+    if not line:
+        sock.close()
+        raise NotRunning
+    reply: dict[str, Any] = json.loads(line)
+    return reply, sock
+
+
+def wait_closed(sock: socket.socket, timeout: float | None) -> bool:
+    """Wait until the server closes the connection (its supervisor has exited)."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        return False
+    except OSError:
+        pass
+    finally:
+        sock.close()
+    return True

@@ -1,0 +1,98 @@
+"""Find and end the processes a stack left behind, by what /proc says about them.
+
+A QEMU belongs to a VM when its command line names that VM's embedded root (every QEMU
+libvirt starts there carries paths under its root); a pid from a pidfile alone is never
+trusted, since pids are reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from vmrun.layout import StackPaths
+
+
+def read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def is_qemu_of(pid: int, root: Path) -> bool:
+    """True while `pid` is a live QEMU started for the embedded root `root`."""
+    cmd = cmdline(pid)
+    return b"qemu" in cmd and os.fsencode(str(root)) in cmd and alive(pid)
+
+
+def all_pids() -> Iterable[int]:
+    return (int(entry) for entry in os.listdir("/proc") if entry.isdigit())
+
+
+def stack_processes(paths: StackPaths, names: Iterable[str]) -> list[int]:
+    """Live QEMUs of the named VMs and live drivers of the stack."""
+    roots = [os.fsencode(str(paths.vm(name).root)) for name in names]
+    stack_dir = os.fsencode(str(paths.dir))
+    found = []
+    for pid in all_pids():
+        cmd = cmdline(pid)
+        if b"qemu" in cmd and any(root in cmd for root in roots) or \
+                b"vmrun.driver" in cmd and stack_dir in cmd:
+            found.append(pid)
+    return [pid for pid in found if alive(pid) and pid != os.getpid()]
+
+
+def kill_and_wait(pids: Iterable[int], wait: Callable[[float], None] | None = None,
+                  timeout: float = 10.0) -> list[int]:
+    """SIGKILL the pids and wait until none is alive; return those still alive."""
+    pids = list(pids)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = [pid for pid in pids if alive(pid)]
+        if not pids or time.monotonic() > deadline:
+            return pids
+        (wait or time.sleep)(0.05)
+
+
+def clean_runtime(paths: StackPaths, names: Iterable[str],
+                  wait: Callable[[float], None] | None = None) -> list[int]:
+    """End what a crashed run of the stack left and drop libvirt's stale runtime state.
+
+    Returns the pids that were killed.
+    """
+    names = list(names)
+    leftovers = stack_processes(paths, names)
+    kill_and_wait(leftovers, wait)
+    for name in names:
+        vm = paths.vm(name)
+        shutil.rmtree(vm.run_dir, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            vm.console_socket.unlink()
+    return leftovers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import subprocess
@@ -11,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import cmdline, write_stack
 
 
@@ -42,10 +42,8 @@ class Terminal:
                 raise AssertionError(f"{text!r} not seen; screen: {self.screen[-2000:]!r}")
             readable, _, _ = select.select([self.master], [], [], remaining)
             if readable:
-                try:
+                with contextlib.suppress(OSError):  # EIO: the slave side is closed
                     self.screen += os.read(self.master, 65536)
-                except OSError:  # EIO: the slave side is closed
-                    pass
 
     def wait(self, timeout: float = 30) -> int:
         return self.proc.wait(timeout)

@@ -7,9 +7,21 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any, TextIO
 
-from vmrun import __version__, console, control, detach, domain, host, manifest, operate
+from vmrun import (
+    __version__,
+    console,
+    control,
+    detach,
+    doctor,
+    domain,
+    host,
+    manifest,
+    operate,
+    schema,
+)
 from vmrun.errors import EXIT_USAGE, UsageError, VmrunError
 from vmrun.layout import StackPaths
 
@@ -63,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
                                              "(Ctrl-] leaves)")
     console.add_argument("file", help="the stack's manifest")
     console.add_argument("vm", help="the VM")
+
+    doctor_parser = sub.add_parser("doctor", help="check that this host can run guests")
+    doctor_parser.add_argument("--json", action="store_true", help="print JSON")
+    doctor_parser.add_argument("--state-dir", metavar="DIR",
+                               help="check this state directory (default: ./.vmrun)")
+
+    sub.add_parser("schema", help="print the manifest's JSON Schema")
 
     for name in ("ps", "down", "logs", "clean", "console"):
         verb = sub.choices[name]
@@ -276,8 +295,25 @@ def cmd_console(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"check": cmd_check, "render": cmd_render, "up": cmd_up, "ps": cmd_ps,
-            "down": cmd_down, "logs": cmd_logs, "console": cmd_console, "clean": cmd_clean}
+def cmd_doctor(args: argparse.Namespace) -> int:
+    checks = doctor.run_checks(Path(args.state_dir) if args.state_dir else None)
+    if args.json:
+        print(json.dumps(doctor.report_json(checks), indent=2))
+    else:
+        sys.stdout.write(doctor.format_table(checks))
+    return doctor.exit_code(checks)
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    print(schema.schema_json())
+    return 0
+
+
+COMMANDS = {
+    "check": cmd_check, "render": cmd_render, "up": cmd_up, "ps": cmd_ps, "down": cmd_down,
+    "logs": cmd_logs, "console": cmd_console, "clean": cmd_clean, "doctor": cmd_doctor,
+    "schema": cmd_schema,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

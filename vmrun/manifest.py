@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +55,12 @@ Converter = Callable[[Any, Context], Any]
 
 @dataclass(frozen=True)
 class Setting:
-    """One manifest key: its converter, default and documentation."""
+    """One manifest key: its converter, default and documentation.
+
+    `schema` is the JSON Schema of the value (type, pattern, enum, bounds) as far as JSON
+    Schema can say what `convert` accepts; vmrun/schema.py adds the description and the
+    default and builds the manifest's schema from these tables.
+    """
 
     key: str
     type: str  # shown in docs and errors
@@ -63,6 +68,7 @@ class Setting:
     convert: Converter
     doc: str
     required: bool = False
+    schema: Mapping[str, Any] = field(kw_only=True, hash=False)
 
 
 def _describe(value: Any) -> str:
@@ -116,7 +122,7 @@ def _cpus(value: Any, ctx: Context) -> int:
     return value
 
 
-_SIZE_RE = re.compile(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*\Z", re.IGNORECASE)
+_SIZE_RE = re.compile(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*\Z", re.IGNORECASE | re.ASCII)
 _SIZE_FACTOR = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024, "": 1}
 
 
@@ -168,42 +174,73 @@ def _regex(value: Any, ctx: Context) -> str:
     return value
 
 
+# --- JSON Schema of the values (see vmrun/schema.py) ------------------------------------
+
+def json_pattern(regex: re.Pattern[str]) -> str:
+    """A regex used with `re.match` and ending in `\\Z`, as an anchored JSON Schema pattern."""
+    if not regex.pattern.endswith(r"\Z") or regex.flags & re.IGNORECASE:
+        raise ValueError(f"cannot translate {regex.pattern!r} to a JSON Schema pattern")
+    return "^" + regex.pattern.removesuffix(r"\Z") + "$"
+
+
+_UNITS = "".join(_SIZE_FACTOR)  # JSON Schema patterns have no flags: spell out both cases
+SIZE_JSON_PATTERN = rf"^\s*\d+\s*[{_UNITS}{_UNITS.lower()}]?(?:[iI]?[bB])?\s*$"
+
+_NAME_SCHEMA = {"type": "string", "pattern": json_pattern(NAME_RE), "maxLength": STACK_NAME_MAX}
+_SECONDS_SCHEMA = {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_SECONDS}
+_FILE_SCHEMA = {"type": "string", "minLength": 1}
+_REGEX_SCHEMA = {"type": "string", "minLength": 1}
+_SIZE_SCHEMA = {"anyOf": [{"type": "integer", "minimum": MIN_MEMORY_MIB},
+                          {"type": "string", "pattern": SIZE_JSON_PATTERN}]}
+
+
 STACK_SETTINGS: tuple[Setting, ...] = (
     Setting("name", "string", None, _name,
             "Stack name: lower-case letters, digits and '-'. Default: the manifest's "
-            "file name without `.toml`."),
+            "file name without `.toml`.", schema=_NAME_SCHEMA),
     Setting("accel", "string", "auto", _accel,
             '`"auto"` uses KVM when it really works on this host and TCG (software '
-            'emulation) otherwise; `"kvm"` requires KVM; `"tcg"` always emulates.'),
+            'emulation) otherwise; `"kvm"` requires KVM; `"tcg"` always emulates.',
+            schema={"type": "string", "enum": list(ACCELS)}),
     Setting("stop_timeout", "number", 10.0, _seconds,
             "Seconds a guest gets to shut down after an ACPI power-button press before "
-            "it is destroyed."),
+            "it is destroyed.", schema=_SECONDS_SCHEMA),
     Setting("state_dir", "string", ".vmrun", _string,
             "Where run state lives, relative to the manifest's directory; the stack uses "
-            "`<state_dir>/<name>/`."),
+            "`<state_dir>/<name>/`.", schema={"type": "string"}),
 )
 
 VM_SETTINGS: tuple[Setting, ...] = (
     Setting("kernel", "path", None, _file,
             "Kernel image to boot directly, relative to the manifest's directory.",
-            required=True),
+            required=True, schema=_FILE_SCHEMA),
     Setting("initrd", "path", None, _file,
-            "Initial ramdisk, relative to the manifest's directory."),
+            "Initial ramdisk, relative to the manifest's directory.", schema=_FILE_SCHEMA),
     Setting("cmdline", "string", "console=ttyS0", _string,
-            "Kernel command line. Keep `console=ttyS0` so the console can be streamed."),
+            "Kernel command line. Keep `console=ttyS0` so the console can be streamed.",
+            schema={"type": "string"}),
     Setting("memory", "size", 256, _memory,
             'Guest memory: an integer number of MiB, or a string with a K, M, G or T '
-            'suffix ("512M", "2G").'),
-    Setting("cpus", "integer", 1, _cpus, "Number of virtual CPUs."),
+            'suffix ("512M", "2G").', schema=_SIZE_SCHEMA),
+    Setting("cpus", "integer", 1, _cpus, "Number of virtual CPUs.",
+            schema={"type": "integer", "minimum": 1, "maximum": MAX_CPUS}),
     Setting("timeout", "number", None, _seconds,
             "Seconds the guest may run; a guest still running then is destroyed and "
-            "counts as failed (reason: timeout). Default: no limit."),
+            "counts as failed (reason: timeout). Default: no limit.", schema=_SECONDS_SCHEMA),
     Setting("success", "regex", None, _regex,
             "The guest counts as ok only if a console line matched this regular "
-            "expression before it stopped."),
+            "expression before it stopped.", schema=_REGEX_SCHEMA),
     Setting("failure", "regex", None, _regex,
             "A console line matching this regular expression makes the guest failed at "
-            "once (it is destroyed)."),
+            "once (it is destroyed).", schema=_REGEX_SCHEMA),
+    Setting("ready", "regex", None, _regex,
+            "The VM counts as ready when a console line matches this regular expression "
+            "(`vmrun up --detach --wait` waits for it; `vmrun ps` shows it). Default: "
+            "ready as soon as it runs.", schema=_REGEX_SCHEMA),
+    Setting("ready_timeout", "number", 120.0, _seconds,
+            "Seconds after the start a VM with a `ready` pattern may take to become "
+            "ready; after that it is destroyed and counts as failed (reason: not ready).",
+            schema=_SECONDS_SCHEMA),
 )
 
 # Stack-level keys that are tables, not settings.
@@ -224,6 +261,8 @@ class VM:
     timeout: float | None
     success: str | None
     failure: str | None
+    ready: str | None
+    ready_timeout: float
 
 
 @dataclass(frozen=True)

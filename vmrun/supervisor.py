@@ -531,6 +531,7 @@ class Supervisor:
                     "attach_socket": str(paths.attach_socket),
                     "console_log": str(paths.console_log),
                     "success": vm.success, "failure": vm.failure, "timeout": vm.timeout,
+                    "ready": vm.ready, "ready_timeout": vm.ready_timeout,
                     "stop_timeout": stack.stop_timeout,
                 }
                 drivers[vm.name] = self.spawn(vm.name, spec, paths)

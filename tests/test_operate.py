@@ -31,14 +31,14 @@ def stack_paths(manifest: Path, name: str = "t") -> StackPaths:
 def test_detach_ps_logs_down(guest: Path, tmp_path: Path) -> None:
     manifest = write_stack(tmp_path, guest, {
         "web": {"cmdline": cmdline(say="web serving", action="hang"), "ready": "web serving"},
-        "db": {"cmdline": cmdline(say="db up", action="hang"), "ready": "db up"},
+        "db": {"cmdline": cmdline(say="db up", action="hang"), "ready": "guest: hanging"},
     }, stop_timeout=20)
     try:
         up = vmrun("up", "--detach", "--wait", str(manifest))
         assert up.returncode == 0, up.stderr
         assert "is up" in up.stderr
         # --wait returned only once both were ready, i.e. had printed their marker
-        for vm, marker in (("web", "web serving"), ("db", "db up")):
+        for vm, marker in (("web", "web serving"), ("db", "guest: hanging")):
             log = (stack_paths(manifest).vm(vm).console_log).read_text()
             assert marker in log
 

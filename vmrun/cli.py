@@ -56,25 +56,30 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--wait", action="store_true",
                     help="with --detach: return once every VM is ready (see `ready`)")
 
-    ps = sub.add_parser("ps", help="show the state of each VM (exit 0 if the stack runs)")
+    def stack_verb(name: str, help: str) -> argparse.ArgumentParser:
+        verb: argparse.ArgumentParser = sub.add_parser(name, help=help)
+        verb.add_argument("file", help="the stack's manifest")
+        verb.add_argument("--state-dir", metavar="DIR",
+                          help="the state directory the stack was started with")
+        return verb
+
+    ps = stack_verb("ps", "show the state of each VM (exit 0 if the stack runs)")
     ps.add_argument("--json", action="store_true", help="print JSON")
 
-    down = sub.add_parser("down", help="stop a running stack, or clean up after a crashed one")
+    down = stack_verb("down", "stop a running stack, or clean up after a crashed one")
     down.add_argument("--timeout", type=float, metavar="S",
                       help="seconds each guest gets to shut down (default: stop_timeout)")
 
-    logs = sub.add_parser("logs", help="print the VMs' console output")
+    logs = stack_verb("logs", "print the VMs' console output")
     logs.add_argument("vms", nargs="*", metavar="VM", help="only these VMs")
     logs.add_argument("-f", "--follow", action="store_true",
                       help="keep printing new output until the stack stops")
     logs.add_argument("--tail", type=int, metavar="N", help="only the last N lines of each VM")
 
-    sub.add_parser("clean", help="remove the stack's state (refused while it runs)")
-
-    console = sub.add_parser("console", help="attach to a running VM's serial console "
-                                             "(Ctrl-] leaves)")
-    console.add_argument("file", help="the stack's manifest")
+    console = stack_verb("console", "attach to a running VM's serial console (Ctrl-] leaves)")
     console.add_argument("vm", help="the VM")
+
+    stack_verb("clean", "remove the stack's state (refused while it runs)")
 
     doctor_parser = sub.add_parser("doctor", help="check that this host can run guests")
     doctor_parser.add_argument("--json", action="store_true", help="print JSON")
@@ -82,13 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
                                help="check this state directory (default: ./.vmrun)")
 
     sub.add_parser("schema", help="print the manifest's JSON Schema")
-
-    for name in ("ps", "down", "logs", "clean", "console"):
-        verb = sub.choices[name]
-        if name != "console":
-            verb.add_argument("file", help="the stack's manifest")
-        verb.add_argument("--state-dir", metavar="DIR",
-                          help="the state directory the stack was started with")
     return parser
 
 
@@ -317,7 +315,13 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `vmrun logs FILE --tail 5 web`: VM names after an option end up here
+    if extra and args.command == "logs" and not any(e.startswith("-") for e in extra):
+        args.vms += extra
+    elif extra:
+        parser.error("unrecognized arguments: " + " ".join(extra))
     try:
         return COMMANDS[args.command](args)
     except VmrunError as exc:

@@ -46,16 +46,16 @@ class _Reporter:
             return
         self.log.write(f"vmrun: {vm or 'stack'}: {event} {json.dumps(data)}\n")
         self.log.flush()
+        if event == "result" and data.get("outcome") != "ok":
+            # Any VM that ends badly before the whole stack is up, ready or not.
+            self.send(ev="failed", vm=vm, outcome=data.get("outcome"),
+                      reason=data.get("reason") or "")
+            self.close()
+            return
         if vm not in self.pending:
             return
-        reached = event == self.target or (event == "ready" and self.target == "running")
-        if event == "result":
-            outcome, reason = data.get("outcome"), data.get("reason") or ""
-            if outcome != "ok":
-                self.send(ev="failed", vm=vm, outcome=outcome, reason=reason)
-                self.close()
-                return
-            reached = True
+        reached = event in (self.target, "result") or (event == "ready" and
+                                                      self.target == "running")
         if reached:
             self.pending.discard(vm)
             self.send(ev="vm", vm=vm, state=self.target)

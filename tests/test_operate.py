@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Up, cmdline, last_run, stack_qemus, wait_until, write_stack
 
+from conftest import Up, cmdline, last_run, stack_qemus, wait_until, write_stack
 from vmrun import control
 from vmrun.layout import StackPaths
 

@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 import termios
+import time
 import tty
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,10 @@ from typing import Any
 
 ESCAPE = 0x1D  # Ctrl-]
 CLIENT_SEND_TIMEOUT = 2.0
+# After piped (non-terminal) input ends, output is still shown until the guest has been
+# quiet this long, or at most DRAIN_MAX seconds.
+DRAIN_QUIET = 1.0
+DRAIN_MAX = 10.0
 
 
 def relay(qemu_socket: str, attach_socket: str, log_path: str,
@@ -101,8 +106,10 @@ def _raise_leave(signum: int, frame: Any) -> None:
 def attach(attach_socket: Path, stdin: int = 0, stdout: int = 1) -> str:
     """Connect the terminal to a guest's console until Ctrl-], EOF or a signal.
 
-    The terminal is put in raw mode and restored on every way out.  Returns why it ended:
-    "escape", "closed" (the VM stopped) or "signal".
+    The terminal is put in raw mode and restored on every way out.  Input that is not a
+    terminal (a pipe) is sent as it is; at its end the session lasts until the guest has
+    been quiet for DRAIN_QUIET seconds.  Returns why it ended: "escape", "closed" (the VM
+    stopped) or "signal".
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.connect(str(attach_socket))
@@ -110,11 +117,19 @@ def attach(attach_socket: Path, stdin: int = 0, stdout: int = 1) -> str:
     handlers = {s: signal.signal(s, _raise_leave)
                 for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
     why = "closed"
+    inputs = [stdin, sock.fileno()]
+    drain_until: float | None = None
     try:
         if saved is not None:
             tty.setraw(stdin, termios.TCSANOW)
         while True:
-            readable, _, _ = select.select([stdin, sock.fileno()], [], [])
+            wait = None
+            if drain_until is not None:
+                wait = min(DRAIN_QUIET, max(0.0, drain_until - time.monotonic()))
+            readable, _, _ = select.select(inputs, [], [], wait)
+            if not readable:  # piped input is done and the guest has gone quiet
+                why = "escape"
+                break
             if sock.fileno() in readable:
                 data = sock.recv(65536)
                 if not data:
@@ -123,8 +138,10 @@ def attach(attach_socket: Path, stdin: int = 0, stdout: int = 1) -> str:
             if stdin in readable:
                 data = os.read(stdin, 4096)
                 if not data:
-                    why = "escape"
-                    break
+                    # End of piped input: show what the guest answers, then leave.
+                    inputs.remove(stdin)
+                    drain_until = time.monotonic() + DRAIN_MAX
+                    continue
                 if ESCAPE in data:
                     sock.sendall(data[:data.index(ESCAPE)])
                     why = "escape"

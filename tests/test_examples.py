@@ -1,0 +1,32 @@
+"""The CI-style Makefile example runs as documented."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+EXAMPLE = REPO / "examples" / "makefile"
+
+
+@pytest.mark.timeout(240)
+def test_makefile_example(guest: Path, tmp_path: Path) -> None:
+    work = tmp_path / "makefile"
+    shutil.copytree(EXAMPLE, work, ignore=shutil.ignore_patterns(".vmrun", "ps.json"))
+    # the example's relative paths point at the checkout's guest: keep them valid
+    stack = work / "stack.toml"
+    stack.write_text(stack.read_text().replace("../../build/guest", str(guest)))
+    vmrun = Path(sys.executable).with_name("vmrun")
+    proc = subprocess.run(["make", "-C", str(work), "test", f"VMRUN={vmrun}",
+                           f"PYTHON={sys.executable}"],
+                          capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "answer=42" in proc.stdout
+    assert "stack ci stopped" in proc.stderr
+    ps = subprocess.run([str(vmrun), "ps", str(stack)], capture_output=True, timeout=30)
+    assert ps.returncode == 1  # brought down

@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from vmrun import (
     __version__,
@@ -21,6 +21,7 @@ from vmrun import (
     manifest,
     operate,
     schema,
+    view,
 )
 from vmrun.errors import EXIT_USAGE, UsageError, VmrunError
 from vmrun.layout import StackPaths
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep state in DIR/<name>/ instead of the manifest's state_dir")
     up.add_argument("-q", "--quiet", action="store_true",
                     help="do not stream consoles; print only the summary")
+    up.add_argument("--progress", choices=("auto", "tty", "plain"), default="auto",
+                    help="live status table on a terminal (auto: unless NO_COLOR is set "
+                         "or stdout is not a terminal), or plain prefixed lines")
     up.add_argument("-d", "--detach", action="store_true",
                     help="run in the background; return once every VM is running")
     up.add_argument("--wait", action="store_true",
@@ -113,49 +117,6 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
-class Printer:
-    """Prints consoles prefixed by VM name, progress notes, and the summary."""
-
-    def __init__(self, names: list[str], quiet: bool, out: TextIO = sys.stdout) -> None:
-        self.width = max(len(n) for n in names)
-        self.quiet = quiet
-        self.out = out
-
-    def note(self, text: str) -> None:
-        print(f"vmrun: {text}", file=sys.stderr, flush=True)
-
-    def __call__(self, vm: str, event: str, data: dict[str, Any]) -> None:
-        if event == "console":
-            if not self.quiet:
-                try:
-                    self.out.write(f"{vm:<{self.width}} | {data.get('line', '')}\n")
-                    self.out.flush()
-                except BrokenPipeError:
-                    # The reader went away (`vmrun up | head`): keep running the stack.
-                    os.dup2(os.open(os.devnull, os.O_WRONLY), self.out.fileno())
-                    self.quiet = True
-        elif event == "probing":
-            self.note("probing QEMU's capabilities (once per host and QEMU build)")
-        elif event == "signal":
-            name = signal.Signals(data["signal"]).name
-            self.note(f"{name}: shutting every VM down")
-        elif event == "result" and not self.quiet:
-            reason = data.get("reason") or ""
-            self.note(f"{vm} {data.get('outcome')}" + (f" ({reason})" if reason else ""))
-
-    def summary(self, result: Any) -> None:
-        rows = [("VM", "OUTCOME", "DURATION", "REASON")]
-        for name, vm in result.vms.items():
-            duration = f"{vm.duration:.1f}s" if vm.duration is not None else "-"
-            rows.append((name, vm.outcome, duration, vm.reason))
-        widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        self.out.write("\n")
-        for row in rows:
-            cells = [row[i].ljust(widths[i]) for i in range(3)] + [row[3]]
-            self.out.write("  ".join(cells).rstrip() + "\n")
-        self.out.flush()
-
-
 def cmd_up(args: argparse.Namespace) -> int:
     from vmrun.supervisor import Supervisor
 
@@ -164,9 +125,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     stack = manifest.load(args.file, state_dir=args.state_dir)
     if args.detach:
         return up_detached(stack, args.wait)
-    printer = Printer([vm.name for vm in stack.vms], args.quiet)
-    result = Supervisor(stack, printer).run()
-    printer.summary(result)
+    display = view.make(args.progress, [vm.name for vm in stack.vms], args.quiet)
+    try:
+        result = Supervisor(stack, display).run()
+    finally:
+        display.close()
+    display.summary(result)
     return result.exit
 
 

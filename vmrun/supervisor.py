@@ -545,6 +545,7 @@ class Supervisor:
 
         while not all(c.done for c in drivers.values()):
             self.wait_events(0.5)
+            self.listener("", "tick", {})
             for child in drivers.values():
                 if child.done and child.result is None and child.name not in self.orphaned:
                     self.orphaned.add(child.name)

@@ -94,15 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def load(args: argparse.Namespace) -> manifest.Stack:
+    """The manifest, checked as far as it can be before anything starts."""
+    stack = manifest.load(args.file, state_dir=getattr(args, "state_dir", None))
+    domain.validate(stack)
+    return stack
+
+
 def cmd_check(args: argparse.Namespace) -> int:
-    stack = manifest.load(args.file)
+    stack = load(args)
     names = ", ".join(vm.name for vm in stack.vms)
     print(f"{args.file}: ok: stack {stack.name}, {len(stack.vms)} VM(s): {names}")
     return 0
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    stack = manifest.load(args.file)
+    stack = load(args)
     vms = stack.vms
     if args.vm is not None:
         vms = tuple(vm for vm in stack.vms if vm.name == args.vm)
@@ -122,7 +129,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     if args.wait and not args.detach:
         raise UsageError("--wait goes with --detach")
-    stack = manifest.load(args.file, state_dir=args.state_dir)
+    stack = load(args)
     if args.detach:
         return up_detached(stack, args.wait)
     display = view.make(args.progress, [vm.name for vm in stack.vms], args.quiet)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from lxml import etree
 
-from vmrun.manifest import VM
+from vmrun.errors import ManifestError, Problem
+from vmrun.manifest import VM, Stack
 
 MACHINE = "q35"
 ARCH = "x86_64"
@@ -55,7 +56,31 @@ def build(vm: VM, accel: str, console_socket: Path) -> etree._Element:
     _sub(devices, "memballoon", model="none")
     # pvpanic: a guest kernel with the driver reports a panic to libvirt directly.
     _sub(devices, "panic", model="isa")
+    if vm.xml_devices:
+        devices.extend(etree.fromstring(f"<devices>{vm.xml_devices}</devices>"))
     return domain
+
+
+SCHEMA = Path("/usr/share/libvirt/schemas/domain.rng")
+
+
+def validate(stack: Stack) -> None:
+    """Check the XML of every VM with `xml_devices` against libvirt's domain schema."""
+    if not any(vm.xml_devices for vm in stack.vms) or not SCHEMA.exists():
+        return
+    schema = etree.RelaxNG(etree.parse(str(SCHEMA)))
+    problems = []
+    for vm in stack.vms:
+        if vm.xml_devices and not schema.validate(build(vm, "tcg", Path("/console.sock"))):
+            error = schema.error_log.last_error
+            message = error.message if error is not None else "invalid"
+            problems.append(Problem(
+                "libvirt's domain schema rejects the XML", file=stack.path,
+                line=stack.line_of("vm", vm.group, "xml_devices"),
+                key=f"vm.{vm.group}.xml_devices", found=message,
+                hint=f"see the whole XML with: vmrun render {stack.path} {vm.name}"))
+    if problems:
+        raise ManifestError(problems)
 
 
 def to_string(domain: etree._Element) -> str:

@@ -21,6 +21,7 @@ try:
 except ModuleNotFoundError:  # pragma: no cover - Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef,import-not-found,unused-ignore]
 
+from vmrun import interpolate
 from vmrun.errors import ManifestError, Problem
 
 NAME_RE = re.compile(r"[a-z][a-z0-9-]*\Z")
@@ -31,6 +32,7 @@ ACCELS = ("auto", "kvm", "tcg")
 MIN_MEMORY_MIB = 16
 MAX_CPUS = 64
 MAX_SECONDS = 7 * 24 * 3600
+MAX_COUNT = 64
 
 
 class Invalid(Exception):
@@ -174,6 +176,40 @@ def _regex(value: Any, ctx: Context) -> str:
     return value
 
 
+def _count(value: Any, ctx: Context) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_COUNT:
+        raise Invalid(f"a whole number of copies from 1 to {MAX_COUNT}")
+    return value
+
+
+DEPENDENCY_CONDITIONS = ("ready", "ok")
+
+
+def _depends_on(value: Any, ctx: Context) -> tuple[tuple[str, str], ...]:
+    expected = ('an array of VM names, or a table of VM name = "ready" or "ok" '
+                '(e.g. depends_on = { db = "ok" })')
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple((v, "ready") for v in value)
+    if isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
+        bad = [c for c in value.values() if c not in DEPENDENCY_CONDITIONS]
+        if bad:
+            raise Invalid(expected + f'; "{bad[0]}" is not a condition')
+        return tuple(value.items())
+    raise Invalid(expected)
+
+
+def _xml_devices(value: Any, ctx: Context) -> str:
+    from lxml import etree
+
+    if not isinstance(value, str) or not value.strip():
+        raise Invalid("a string of libvirt <devices> XML elements")
+    try:
+        etree.fromstring(f"<devices>{value}</devices>")
+    except etree.XMLSyntaxError as exc:
+        raise Invalid(f"well-formed XML elements ({exc.msg})") from None
+    return value
+
+
 # --- JSON Schema of the values (see vmrun/schema.py) ------------------------------------
 
 def json_pattern(regex: re.Pattern[str]) -> str:
@@ -241,6 +277,24 @@ VM_SETTINGS: tuple[Setting, ...] = (
             "Seconds after the start a VM with a `ready` pattern may take to become "
             "ready; after that it is destroyed and counts as failed (reason: not ready).",
             schema=_SECONDS_SCHEMA),
+    Setting("count", "integer", 1, _count,
+            "Run this many copies of the VM, named NAME-1 ... NAME-N, each with its own "
+            "state; `{index}` in `cmdline` is the copy's number. Without it the VM keeps "
+            "its name (and `{index}` is 1).",
+            schema={"type": "integer", "minimum": 1, "maximum": MAX_COUNT}),
+    Setting("depends_on", "array or table", (), _depends_on,
+            'Start this VM only after others: `["db"]` waits until db is ready, '
+            '`{ db = "ok" }` until db has stopped with outcome ok. A VM whose dependency '
+            "failed is never started (outcome failed).",
+            schema={"anyOf": [
+                {"type": "array", "items": {"type": "string"}},
+                {"type": "object",
+                 "additionalProperties": {"enum": list(DEPENDENCY_CONDITIONS)}},
+            ]}),
+    Setting("xml_devices", "string", None, _xml_devices,
+            "Expert escape hatch: libvirt `<devices>` child elements appended to the "
+            "generated domain XML, checked against libvirt's schema before anything starts.",
+            schema={"type": "string", "minLength": 1}),
 )
 
 # Stack-level keys that are tables, not settings.
@@ -263,6 +317,11 @@ class VM:
     failure: str | None
     ready: str | None
     ready_timeout: float
+    count: int
+    depends_on: tuple[tuple[str, str], ...]  # (VM name, "ready" | "ok"), resolved
+    xml_devices: str | None
+    index: int = 1  # the copy's number, with `count`
+    group: str = ""  # the [vm.NAME] table it comes from
 
 
 @dataclass(frozen=True)
@@ -273,6 +332,14 @@ class Stack:
     stop_timeout: float
     state_dir: Path  # the stack's own directory: <state_dir>/<name>
     vms: tuple[VM, ...] = field(default_factory=tuple)
+    lines: dict[tuple[str, ...], int] = field(default_factory=dict, compare=False)
+
+    def line_of(self, *keypath: str) -> int | None:
+        while keypath:
+            if keypath in self.lines:
+                return self.lines[keypath]
+            keypath = keypath[:-1]
+        return None
 
     def vm(self, name: str) -> VM:
         for vm in self.vms:
@@ -341,6 +408,7 @@ class _Collector:
         self.path = path
         self.lines = lines
         self.problems: list[Problem] = []
+        self.broken: set[tuple[str, ...]] = set()  # values already reported as broken
 
     def line_of(self, keypath: tuple[str, ...]) -> int | None:
         while keypath:
@@ -372,7 +440,7 @@ def _convert_table(
     known = {s.key: s for s in settings}
     out: dict[str, Any] = {}
     for key, value in table.items():
-        if key in extra_keys:
+        if key in extra_keys or where + (key,) in col.broken:
             continue
         setting = known.get(key)
         if setting is None:
@@ -413,6 +481,7 @@ def loads(
     path: Path,
     state_dir: str | os.PathLike[str] | None = None,
     host_memory: int | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> Stack:
     try:
         data = tomllib.loads(source)
@@ -428,7 +497,9 @@ def loads(
 
     base_dir = path.resolve().parent
     ctx = Context(base_dir=base_dir, host_memory_mib=host_memory or host_memory_mib())
-    col = _Collector(path, locate_keys(source))
+    lines = locate_keys(source)
+    col = _Collector(path, lines)
+    data = _interpolate(data, col, base_dir, environ)
 
     top = _convert_table(col, (), data, STACK_SETTINGS, ctx, extra_keys=tuple(STACK_TABLES))
     if "name" not in data:
@@ -474,7 +545,9 @@ def loads(
         if missing or any(s.key in table and s.key not in values for s in VM_SETTINGS):
             continue
         settings = {s.key: values.get(s.key, s.default) for s in VM_SETTINGS}
-        vms.append(VM(name=vm_name, **settings))
+        vms.extend(_expand(col, where, vm_name, "count" in table or "count" in defaults,
+                           settings, top.get("name", "")))
+    _resolve_dependencies(col, vms, vm_tables, defaults_raw)
 
     if col.problems:
         raise ManifestError(col.problems)
@@ -490,4 +563,132 @@ def loads(
         stop_timeout=top.get("stop_timeout", 10.0),
         state_dir=root / top["name"],
         vms=tuple(vms),
+        lines=lines,
     )
+
+
+def _interpolate(data: dict[str, Any], col: _Collector, base_dir: Path,
+                 environ: Mapping[str, str] | None) -> dict[str, Any]:
+    """Apply ${VAR} interpolation (environment first, then .env beside the manifest)."""
+    env_path = base_dir / ".env"
+    env_file, errors = interpolate.read_env_file(env_path)
+    for number, text in errors:
+        col.problems.append(Problem("invalid line in .env", file=env_path, line=number,
+                                    expected="KEY=VALUE", found=repr(text)))
+    lookup = interpolate.make_lookup(os.environ if environ is None else environ, env_file)
+
+    def on_error(keypath: tuple[str, ...], exc: interpolate.InterpolationError) -> None:
+        hint = None
+        if exc.variable:
+            hint = (f"set {exc.variable} in the environment or in {env_path}, or give a "
+                    f"default: ${{{exc.variable}:-value}}")
+        col.add(keypath, str(exc), hint=hint)
+        col.broken.add(keypath[:3] if keypath[:1] == ("vm",) else keypath[:2])
+
+    result: dict[str, Any] = interpolate.walk(data, lookup, on_error)
+    return result
+
+
+_PLACEHOLDER_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
+
+
+def fill_placeholders(text: str, values: Mapping[str, str]) -> str:
+    """Replace {vm.name}-style placeholders; {{ and }} are literal braces."""
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) in ("{{", "}}"):
+            return match.group(0)[0]
+        key = match.group(1)
+        if key not in values:
+            raise Invalid("known placeholders only: " + ", ".join(f"{{{k}}}" for k in values)
+                          + f" (found {{{key}}}; write {{{{ and }}}} for literal braces)")
+        return values[key]
+
+    return _PLACEHOLDER_RE.sub(replace, text)
+
+
+def _expand(col: _Collector, where: tuple[str, ...], group: str, counted: bool,
+            settings: dict[str, Any], stack_name: str) -> list[VM]:
+    """One VM per copy (`count`), with its placeholders filled in."""
+    copies = settings["count"]
+    vms = []
+    for index in range(1, copies + 1):
+        name = f"{group}-{index}" if counted else group
+        if counted and len(name) > VM_NAME_MAX:
+            col.add((*where, "count"), f'the copy name "{name}" is too long',
+                    expected=f"VM names of at most {VM_NAME_MAX} characters",
+                    hint="use a shorter [vm.NAME]")
+            return []
+        values = {"vm.name": name, "vm.index": str(index), "index": str(index),
+                  "stack.name": stack_name}
+        try:
+            cmdline = fill_placeholders(settings["cmdline"], values)
+        except Invalid as exc:
+            col.add((*where, "cmdline"), "invalid placeholder", expected=exc.expected)
+            return []
+        vms.append(VM(name=name, index=index, group=group,
+                      **dict(settings, cmdline=cmdline)))
+    return vms
+
+
+def _resolve_dependencies(col: _Collector, vms: list[VM], vm_tables: Any,
+                          defaults_raw: Any) -> None:
+    """Turn depends_on names (tables or copies) into VM names; reject unknowns and cycles."""
+    groups: dict[str, list[str]] = {}
+    for vm in vms:
+        groups.setdefault(vm.group, []).append(vm.name)
+    names = {vm.name for vm in vms}
+    resolved: dict[str, tuple[tuple[str, str], ...]] = {}
+    for i, vm in enumerate(vms):
+        where: tuple[str, ...] = ("vm", vm.group, "depends_on")
+        if not isinstance(vm_tables.get(vm.group), dict) or \
+                "depends_on" not in vm_tables[vm.group]:
+            where = ("defaults", "depends_on")
+        deps: list[tuple[str, str]] = []
+        for target, condition in vm.depends_on:
+            if target in groups:
+                members = groups[target]
+            elif target in names:
+                members = [target]
+            else:
+                col.add(where, f'unknown VM "{target}"', expected="the name of a [vm.NAME] "
+                        "table or of one of its copies",
+                        hint=_did_you_mean(target, [*groups, *names]))
+                continue
+            deps += [(m, condition) for m in members]
+        if any(m == vm.name for m, _ in deps):
+            col.add(where, f'VM "{vm.name}" depends on itself')
+            deps = [d for d in deps if d[0] != vm.name]
+        resolved[vm.name] = tuple(deps)
+        vms[i] = VM(**{**vm.__dict__, "depends_on": tuple(deps)})
+    cycle = _find_cycle({name: [d for d, _ in deps] for name, deps in resolved.items()})
+    if cycle:
+        first = next(vm for vm in vms if vm.name == cycle[0])
+        col.add(("vm", first.group, "depends_on"), "dependency cycle: " + " -> ".join(cycle),
+                hint="remove one of these depends_on entries")
+
+
+def _find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in graph.get(node, []):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in graph:
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None

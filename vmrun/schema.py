@@ -22,7 +22,8 @@ def _value_schema(setting: manifest.Setting) -> dict[str, Any]:
     out = copy.deepcopy(dict(setting.schema))
     out["description"] = setting.doc
     if setting.default is not None:
-        out["default"] = setting.default
+        default = setting.default
+        out["default"] = list(default) if isinstance(default, tuple) else default
     return out
 
 

@@ -169,6 +169,8 @@ class Supervisor:
         self.teardown_deadline: float | None = None
         self.started_at = time.time()
         self.accel = ""
+        self.pending: list[VM] = []
+        self.never_started: set[str] = set()
 
     # --- set-up ---------------------------------------------------------------------------
 
@@ -428,6 +430,10 @@ class Supervisor:
             entry: dict[str, Any] = {"state": "starting", "outcome": None, "reason": None,
                                      "started": None, "uptime": None, "qemu_pid": None,
                                      "accel": self.accel}
+            if vm.name in self.never_started:
+                entry["state"] = "stopped"
+            elif child is None and vm in self.pending:
+                entry["state"] = "waiting"
             if child is not None:
                 entry["state"] = child.state
                 entry["qemu_pid"] = child.qemu_pid
@@ -521,31 +527,12 @@ class Supervisor:
                 shutil.copy2(cached, caps / cached.name)
 
         drivers = self.drivers
-        if self.signal is None and not self.down_requested:
-            for vm in stack.vms:
-                paths = vm_paths[vm.name]
-                xml = domain.to_string(domain.build(vm, accel, paths.console_socket))
-                spec = {
-                    "name": vm.name, "root": str(paths.root), "xml": xml,
-                    "console_socket": str(paths.console_socket),
-                    "attach_socket": str(paths.attach_socket),
-                    "console_log": str(paths.console_log),
-                    "success": vm.success, "failure": vm.failure, "timeout": vm.timeout,
-                    "ready": vm.ready, "ready_timeout": vm.ready_timeout,
-                    "stop_timeout": stack.stop_timeout,
-                }
-                drivers[vm.name] = self.spawn(vm.name, spec, paths)
-                self.listener(vm.name, "spawned", {"pid": drivers[vm.name].pid})
-                if self.down_requested:  # asked while we were spawning
-                    drivers[vm.name].command(cmd="stop", timeout=stack.stop_timeout,
-                                             reason="stopped by vmrun down")
-        else:
-            for result in results.values():
-                result.outcome, result.reason = "stopped", "stopped before it started"
-
-        while not all(c.done for c in drivers.values()):
+        self.pending = [vm for vm in stack.vms]  # not started yet: waiting for dependencies
+        self.start_ready(accel, vm_paths, results)
+        while self.pending or not all(c.done for c in drivers.values()):
             self.wait_events(0.5)
             self.listener("", "tick", {})
+            self.start_ready(accel, vm_paths, results)
             for child in drivers.values():
                 if child.done and child.result is None and child.name not in self.orphaned:
                     self.orphaned.add(child.name)
@@ -593,6 +580,66 @@ class Supervisor:
         tmp.write_text(json.dumps(run.to_json(), indent=2) + "\n")
         tmp.replace(self.paths.last_run)
         return run
+
+    def dependency_state(self, vm: VM) -> str | None:
+        """"met", "waiting", or the reason it can never be met."""
+        for target, condition in vm.depends_on:
+            child = self.drivers.get(target)
+            if child is None:
+                if target in self.never_started:
+                    return f"dependency {target} failed"
+                return "waiting"
+            outcome = child.result.get("outcome") if child.result else None
+            if condition == "ok":
+                if outcome is None and not child.done:
+                    return "waiting"
+                if outcome != "ok":
+                    return f"dependency {target} failed"
+            elif child.ready_at is None:
+                if outcome is None and not child.done:
+                    return "waiting"
+                return f"dependency {target} failed"
+        return "met"
+
+    def start_ready(self, accel: str, vm_paths: dict[str, VMPaths],
+                    results: dict[str, VMResult]) -> None:
+        """Start every pending VM whose dependencies are met; fail those that never will."""
+        if self.signal is not None or self.down_requested:
+            for vm in self.pending:
+                results[vm.name].outcome = "stopped"
+                results[vm.name].reason = "stopped before it started"
+                self.never_started.add(vm.name)
+            self.pending = []
+            return
+        progress = True
+        while progress:
+            progress = False
+            for vm in list(self.pending):
+                state = self.dependency_state(vm)
+                if state == "waiting":
+                    continue
+                self.pending.remove(vm)
+                progress = True
+                if state != "met":
+                    results[vm.name].outcome, results[vm.name].reason = "failed", str(state)
+                    self.never_started.add(vm.name)
+                    self.listener(vm.name, "result", {"outcome": "failed", "reason": state})
+                    continue
+                self.start_vm(vm, accel, vm_paths[vm.name])
+
+    def start_vm(self, vm: VM, accel: str, paths: VMPaths) -> None:
+        xml = domain.to_string(domain.build(vm, accel, paths.console_socket))
+        spec = {
+            "name": vm.name, "root": str(paths.root), "xml": xml,
+            "console_socket": str(paths.console_socket),
+            "attach_socket": str(paths.attach_socket),
+            "console_log": str(paths.console_log),
+            "success": vm.success, "failure": vm.failure, "timeout": vm.timeout,
+            "ready": vm.ready, "ready_timeout": vm.ready_timeout,
+            "stop_timeout": self.stack.stop_timeout,
+        }
+        child = self.drivers[vm.name] = self.spawn(vm.name, spec, paths)
+        self.listener(vm.name, "spawned", {"pid": child.pid})
 
     def kill_qemu(self, child: Child) -> None:
         """Kill the QEMU of a driver that is gone (checked to be that VM's QEMU)."""

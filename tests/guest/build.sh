@@ -15,8 +15,17 @@ out=${1:-$repo/build/guest}
 self=$here/build.sh
 init_src=$here/init
 kernel_meta=linux-image-cloud-amd64
-# Modules the init loads so that the ACPI power button reaches userspace.
-modules=(evdev button)
+# Modules the init loads at boot (their dependencies are added in front, in
+# load order), by group:
+#   base    always: evdev and button, so the ACPI power button reaches userspace
+#   virtio  only when the machine has a virtio PCI device: the virtio PCI
+#           transport, network and disk drivers, virtio-scsi with the SCSI CD-ROM
+#           driver and the iso9660 filesystem (cloud-init seed images)
+base_modules=(evdev button)
+virtio_modules=(virtio_pci virtio_net virtio_blk virtio_scsi sr_mod isofs)
+# Extra insmod arguments: scan SCSI buses synchronously, so a CD-ROM on
+# virtio-scsi exists as soon as insmod virtio_scsi returns.
+declare -A modargs=([scsi_mod]="scan=sync")
 # Fixed timestamp for everything in the archive, so the initrd is reproducible.
 epoch=${SOURCE_DATE_EPOCH:-0}
 
@@ -108,27 +117,39 @@ busybox=$tmp/busybox/bin/busybox
 # --- initramfs tree ---------------------------------------------------------
 root=$tmp/root
 mkdir -m 0755 "$root"
-mkdir -p "$root"/{bin,dev,etc,proc,sys,tmp,lib/modules}
+mkdir -p "$root"/{bin,dev,etc,mnt,proc,sys,tmp,lib/modules}
 chmod 1777 "$root/tmp"
 install -m 0755 "$busybox" "$root/bin/busybox"
 install -m 0755 "$init_src" "$root/init"
 
 # Applets the init uses (and a few for poking around), as symlinks.
-applets=(sh cat dd echo insmod ls mount od poweroff printf reboot sleep tr usleep
-         dmesg grep lsmod ps umount uname)
+applets=(sh cat cut dd echo head insmod ip ls mkdir mount nc od poweroff printf reboot
+         sleep sync timeout tr umount usleep
+         dmesg grep ifconfig lsmod netstat ping ps uname)
 available=$("$busybox" --list)
 for a in "${applets[@]}"; do
     grep -qx "$a" <<<"$available" || die "busybox-static lacks the $a applet"
     ln -s busybox "$root/bin/$a"
 done
 
-# Kernel modules, stored uncompressed so insmod needs no decompressor support.
-# (Debian 12 ships them as plain .ko; compressed ones are handled anyway.)
-for m in "${modules[@]}"; do
-    if grep -q "/$m\.ko" "$moddir/modules.builtin" 2>/dev/null; then
-        continue # built in, nothing to load
+# Kernel modules, stored uncompressed so insmod needs no decompressor support
+# (Debian 12 ships them as plain .ko; compressed ones are handled anyway).
+# The package has no modules.dep (depmod runs at install time), so each
+# module's dependencies come from the "depends=" field of its .modinfo
+# section. lib/modules/load-order lists the modules in an order that loads
+# every dependency first, one "group name [insmod args]" per line.
+declare -A seen=()
+order=()
+add_module() { # group, module name; appends "group name" (after its dependencies) to order
+    local g=$1 m=$2 src dep deps
+    [[ -z ${seen[$m]:-} ]] || return 0
+    seen[$m]=1
+    # modules.builtin names files, which may spell _ as -.
+    if grep -Eq "/(${m}|${m//_/-})\.ko\$" "$moddir/modules.builtin" 2>/dev/null; then
+        return 0 # built in, nothing to load
     fi
-    src=$(find "$moddir/kernel" -name "$m.ko" -o -name "$m.ko.*" | head -n1)
+    src=$(find "$moddir/kernel" \( -name "$m.ko" -o -name "$m.ko.*" \
+              -o -name "${m//_/-}.ko" -o -name "${m//_/-}.ko.*" \) | head -n1)
     [[ -n $src ]] || die "module $m not found in $kernel_pkg"
     case $src in
         *.ko) cp "$src" "$root/lib/modules/$m.ko" ;;
@@ -138,7 +159,24 @@ for m in "${modules[@]}"; do
         *) die "unknown module format: $src" ;;
     esac
     chmod 0644 "$root/lib/modules/$m.ko"
+    deps=$(tr '\0' '\n' <"$root/lib/modules/$m.ko" | grep -a -m1 '^depends=' || true)
+    deps=${deps#depends=}
+    for dep in ${deps//,/ }; do
+        add_module "$g" "$dep"
+    done
+    order+=("$g $m")
+}
+for m in "${base_modules[@]}"; do
+    add_module base "$m"
 done
+for m in "${virtio_modules[@]}"; do
+    add_module virtio "$m"
+done
+for gm in "${order[@]}"; do
+    m=${gm#* }
+    echo "$gm${modargs[$m]:+ ${modargs[$m]}}"
+done >"$root/lib/modules/load-order"
+log "modules: $(printf '%s\n' "${order[@]}" | cut -d' ' -f2 | tr '\n' ' ')"
 
 # The kernel starts /init with /dev/console as stdin/out/err, so ship the node.
 # Where mknod is not allowed the init reopens it from devtmpfs instead.

@@ -1,0 +1,148 @@
+"""Manifest features: ${VAR} interpolation, copies (count), placeholders, depends_on and
+xml_devices — parsed and validated without a guest."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vmrun import domain, manifest
+from vmrun.errors import ManifestError
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Path:
+    (tmp_path / "vmlinuz").write_bytes(b"kernel")
+    return tmp_path
+
+
+def load(directory: Path, text: str, env: dict[str, str] | None = None) -> manifest.Stack:
+    path = directory / "s.toml"
+    path.write_text(text)
+    return manifest.loads(text, path, environ=env or {}, host_memory=1 << 20)
+
+
+def problems(directory: Path, text: str, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ManifestError) as info:
+        load(directory, text, env)
+    return [str(p) for p in info.value.problems]
+
+
+def test_interpolation_from_environment_and_env_file(files: Path) -> None:
+    (files / ".env").write_text("# comment\nMEM=300\nexport WHO='from file'\nOVER=file\n")
+    stack = load(files, '''
+name = "${STACK:-lab}"
+[vm.a]
+kernel = "vmlinuz"
+memory = "${MEM}M"
+cmdline = "who=${WHO} over=${OVER} cost=$$5 empty=${UNSET-}"
+''', env={"OVER": "env"})
+    assert stack.name == "lab"
+    vm = stack.vms[0]
+    assert vm.memory == 300
+    assert vm.cmdline == "who=from file over=env cost=$5 empty="
+
+
+def test_undefined_variable_names_it_and_its_line(files: Path) -> None:
+    (found,) = problems(files, '[vm.a]\nkernel = "vmlinuz"\ncmdline = "x=${NOPE}"\n')
+    assert found.startswith(f"{files / 's.toml'}:3: vm.a.cmdline:")
+    assert 'variable "NOPE" is not set' in found and "${NOPE:-value}" in found
+
+
+def test_bad_env_file_line(files: Path) -> None:
+    (files / ".env").write_text("GOOD=1\nthis is not an assignment\n")
+    (found,) = problems(files, '[vm.a]\nkernel = "vmlinuz"\n')
+    assert found.startswith(f"{files / '.env'}:2: invalid line in .env")
+
+
+def test_count_makes_named_copies_with_placeholders(files: Path) -> None:
+    stack = load(files, '''
+name = "lab"
+[vm.web]
+kernel = "vmlinuz"
+count = 3
+cmdline = "console=ttyS0 name={vm.name} i={index} s={stack.name} {{literal}}"
+[vm.db]
+kernel = "vmlinuz"
+cmdline = "i={index}"
+''')
+    assert [vm.name for vm in stack.vms] == ["web-1", "web-2", "web-3", "db"]
+    assert stack.vms[1].cmdline == "console=ttyS0 name=web-2 i=2 s=lab {literal}"
+    assert {vm.group for vm in stack.vms[:3]} == {"web"}
+    assert stack.vms[3].cmdline == "i=1"
+
+
+@pytest.mark.parametrize(("body", "line", "fragment"), [
+    ('[vm.a]\nkernel = "vmlinuz"\ncmdline = "{nope}"\n', 3, "known placeholders only"),
+    ('[vm.a]\nkernel = "vmlinuz"\ncount = 0\n', 3, "from 1 to 64"),
+    ('[vm.abcdefghijklmnopqr]\nkernel = "vmlinuz"\ncount = 10\n', 3, "too long"),
+    ('[vm.a]\nkernel = "vmlinuz"\ndepends_on = ["zz"]\n', 3, 'unknown VM "zz"'),
+    ('[vm.a]\nkernel = "vmlinuz"\ndepends_on = { b = "done" }\n[vm.b]\nkernel = "vmlinuz"\n',
+     3, '"done" is not a condition'),
+    ('[vm.a]\nkernel = "vmlinuz"\ndepends_on = "b"\n', 3, "an array of VM names"),
+    ('[vm.a]\nkernel = "vmlinuz"\ndepends_on = ["a"]\n', 3, "depends on itself"),
+    ('[vm.a]\nkernel = "vmlinuz"\nxml_devices = "<rng>"\n', 3, "well-formed XML"),
+])
+def test_feature_errors(files: Path, body: str, line: int, fragment: str) -> None:
+    found = problems(files, body)
+    assert len(found) == 1, found
+    assert found[0].startswith(f"{files / 's.toml'}:{line}: "), found
+    assert fragment in found[0], found
+
+
+def test_dependency_cycle_is_named(files: Path) -> None:
+    (found,) = problems(files, '''
+[vm.a]
+kernel = "vmlinuz"
+depends_on = ["b"]
+[vm.b]
+kernel = "vmlinuz"
+depends_on = { c = "ok" }
+[vm.c]
+kernel = "vmlinuz"
+depends_on = ["a"]
+''')
+    assert "dependency cycle: a -> b -> c -> a" in found
+
+
+def test_depends_on_a_group_means_every_copy(files: Path) -> None:
+    stack = load(files, '''
+[vm.db]
+kernel = "vmlinuz"
+count = 2
+[vm.app]
+kernel = "vmlinuz"
+depends_on = { db = "ok", db-1 = "ready" }
+''')
+    app = stack.vm("app")
+    assert app.depends_on == (("db-1", "ok"), ("db-2", "ok"), ("db-1", "ready"))
+
+
+def test_xml_devices_checked_by_libvirts_schema(files: Path) -> None:
+    good = load(files, '''
+[vm.a]
+kernel = "vmlinuz"
+xml_devices = """<rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>"""
+''')
+    domain.validate(good)
+    xml = domain.to_string(domain.build(good.vms[0], "tcg", Path("/c.sock")))
+    assert "<rng model=\"virtio\">" in xml
+    bad = load(files, '[vm.a]\nkernel = "vmlinuz"\n\nxml_devices = "<rng model=\'bogus\'/>"\n')
+    with pytest.raises(ManifestError) as info:
+        domain.validate(bad)
+    (problem,) = info.value.problems
+    assert str(problem).startswith(f"{files / 's.toml'}:4: vm.a.xml_devices: libvirt's domain "
+                                   "schema rejects the XML")
+
+
+def test_cli_check_reports_schema_errors_with_exit_2(files: Path) -> None:
+    path = files / "s.toml"
+    path.write_text('[vm.a]\nkernel = "vmlinuz"\nxml_devices = "<disk type=\'x\'/>"\n')
+    proc = subprocess.run([sys.executable, "-m", "vmrun", "check", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "libvirt's domain schema rejects the XML" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -15,6 +15,7 @@ from vmrun import (
     console,
     control,
     detach,
+    disks,
     doctor,
     domain,
     host,
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--progress", choices=("auto", "tty", "plain"), default="auto",
                     help="live status table on a terminal (auto: unless NO_COLOR is set "
                          "or stdout is not a terminal), or plain prefixed lines")
+    up.add_argument("--fresh", action="store_true",
+                    help="start every disk overlay and blank disk anew")
     up.add_argument("-d", "--detach", action="store_true",
                     help="run in the background; return once every VM is running")
     up.add_argument("--wait", action="store_true",
@@ -119,7 +122,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     accel = host.choose_accel(stack.accel)
     paths = StackPaths(stack.state_dir)
     for vm in vms:
-        xml = domain.build(vm, accel.name, paths.vm(vm.name).console_socket)
+        vm_paths = paths.vm(vm.name)
+        xml = domain.build(vm, accel.name, vm_paths.console_socket, disks.plan(vm, vm_paths))
         sys.stdout.write(domain.to_string(xml))
     return 0
 
@@ -131,19 +135,19 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise UsageError("--wait goes with --detach")
     stack = load(args)
     if args.detach:
-        return up_detached(stack, args.wait)
+        return up_detached(stack, args.wait, args.fresh)
     display = view.make(args.progress, [vm.name for vm in stack.vms], args.quiet)
     try:
-        result = Supervisor(stack, display).run()
+        result = Supervisor(stack, display, fresh=args.fresh).run()
     finally:
         display.close()
     display.summary(result)
     return result.exit
 
 
-def up_detached(stack: manifest.Stack, wait_ready: bool) -> int:
+def up_detached(stack: manifest.Stack, wait_ready: bool, fresh: bool) -> int:
     host.check(stack.accel)  # exit 3 here, in the foreground, before forking
-    for report in detach.start(stack, wait_ready):
+    for report in detach.start(stack, wait_ready, fresh):
         event = report.get("ev")
         if event == "vm":
             print(f"vmrun: {report['vm']} {report['state']}", file=sys.stderr)

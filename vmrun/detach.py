@@ -64,7 +64,7 @@ class _Reporter:
                 self.close()
 
 
-def start(stack: Stack, wait_ready: bool) -> Iterator[dict[str, Any]]:
+def start(stack: Stack, wait_ready: bool, fresh: bool = False) -> Iterator[dict[str, Any]]:
     """Fork the supervisor into the background; yield its reports until it is up or not."""
     from vmrun.supervisor import Supervisor
 
@@ -87,7 +87,7 @@ def start(stack: Stack, wait_ready: bool) -> Iterator[dict[str, Any]]:
                 os.dup2(log.fileno(), 1)
                 os.dup2(log.fileno(), 2)
                 reporter = _Reporter(stack, write_fd, wait_ready, log)
-                result = Supervisor(stack, reporter).run()
+                result = Supervisor(stack, reporter, fresh=fresh).run()
                 code = result.exit
                 log.write(f"vmrun: exit status {code}\n")
             except VmrunError as exc:

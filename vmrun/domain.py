@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from lxml import etree
 
+from vmrun.disks import Attachment
 from vmrun.errors import ManifestError, Problem
 from vmrun.manifest import VM, Stack
 
@@ -22,8 +24,9 @@ def _sub(parent: etree._Element, tag: str, text: str | None = None, **attrs: str
     return element
 
 
-def build(vm: VM, accel: str, console_socket: Path) -> etree._Element:
-    """The <domain> element for `vm`, accelerated by "kvm" or "tcg"."""
+def build(vm: VM, accel: str, console_socket: Path,
+          disks: Sequence[Attachment] = ()) -> etree._Element:
+    """The <domain> element for `vm`, accelerated by "kvm" or "tcg", with its disk files."""
     domain = etree.Element("domain", type="kvm" if accel == "kvm" else "qemu")
     _sub(domain, "name", vm.name)
     _sub(domain, "memory", str(vm.memory * 1024), unit="KiB")
@@ -46,6 +49,13 @@ def build(vm: VM, accel: str, console_socket: Path) -> etree._Element:
     _sub(domain, "on_crash", "destroy")
 
     devices = _sub(domain, "devices")
+    for index, disk in enumerate(disks):
+        element = _sub(devices, "disk", type="file", device="disk")
+        _sub(element, "driver", name="qemu", type=disk.format)
+        _sub(element, "source", file=str(disk.path))
+        _sub(element, "target", dev=f"vd{chr(ord('a') + index)}", bus="virtio")
+        if disk.readonly:
+            _sub(element, "readonly")
     # The serial console is a UNIX socket QEMU listens on; the driver reads it.
     serial = _sub(devices, "serial", type="unix")
     _sub(serial, "source", mode="bind", path=str(console_socket))

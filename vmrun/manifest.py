@@ -33,6 +33,7 @@ MIN_MEMORY_MIB = 16
 MAX_CPUS = 64
 MAX_SECONDS = 7 * 24 * 3600
 MAX_COUNT = 64
+MAX_DISKS = 16
 
 
 class Invalid(Exception):
@@ -198,6 +199,78 @@ def _depends_on(value: Any, ctx: Context) -> tuple[tuple[str, str], ...]:
     raise Invalid(expected)
 
 
+DISK_FORMATS = ("raw", "qcow2")
+MIN_DISK_MIB = 1
+MAX_DISK_MIB = 64 * 1024 * 1024
+# Image formats recognised by their first bytes, to refuse them clearly.
+_FOREIGN_MAGIC = {b"KDMV": "vmdk", b"QED\x00": "qed", b"vhdxfile": "vhdx", b"conectix": "vpc",
+                  b"LUKS\xba\xbe": "luks", b"<<< Oracle VM": "vdi"}
+
+
+@dataclass(frozen=True)
+class Disk:
+    """One entry of `disks`: an image (overlaid unless read-only) or a blank disk."""
+
+    image: Path | None
+    format: str  # of the image ("raw" | "qcow2"); blank disks are qcow2
+    size_mib: int | None
+    readonly: bool
+
+
+def image_format(path: Path) -> str:
+    """"qcow2" or "raw" from the image's first bytes; another known format is refused."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"QFI\xfb"):
+        return "qcow2"
+    for magic, name in _FOREIGN_MAGIC.items():
+        if head.startswith(magic):
+            raise Invalid(f"a raw or qcow2 image ({path} is {name})")
+    return "raw"
+
+
+def _disk(value: Any, ctx: Context) -> Disk:
+    expected = ('a table { image = "file" } or { size = "2G" }, with optional '
+                'readonly = true (image only) and format = "raw" | "qcow2"')
+    if not isinstance(value, dict):
+        raise Invalid(expected)
+    unknown = set(value) - {"image", "size", "readonly", "format"}
+    if unknown:
+        raise Invalid(expected + f" (unknown key {sorted(unknown)[0]!r})")
+    if ("image" in value) == ("size" in value):
+        raise Invalid(expected + " (exactly one of image and size)")
+    readonly = value.get("readonly", False)
+    if not isinstance(readonly, bool) or (readonly and "size" in value):
+        raise Invalid(expected + " (readonly is a boolean, for an image)")
+    if "size" in value:
+        size = parse_size_mib(value["size"])
+        if size != int(size) or not MIN_DISK_MIB <= size <= MAX_DISK_MIB:
+            raise Invalid(f"a disk size from {MIN_DISK_MIB}M to 64T, in whole MiB")
+        return Disk(image=None, format="qcow2", size_mib=int(size), readonly=False)
+    image = _file(value["image"], ctx)
+    found = image_format(image)
+    wanted = value.get("format", found)
+    if wanted not in DISK_FORMATS:
+        raise Invalid('format = "raw" or "qcow2"')
+    if wanted == "qcow2" and found != "qcow2":
+        raise Invalid(f"a qcow2 image ({image} is not one)")
+    return Disk(image=image, format=wanted, size_mib=None, readonly=readonly)
+
+
+def _disks(value: Any, ctx: Context) -> tuple[Disk, ...]:
+    if not isinstance(value, list):
+        raise Invalid('an array of disk tables, e.g. [{ image = "base.qcow2" }, { size = "2G" }]')
+    if len(value) > MAX_DISKS:
+        raise Invalid(f"at most {MAX_DISKS} disks")
+    return tuple(_disk(entry, ctx) for entry in value)
+
+
+def _bool(value: Any, ctx: Context) -> bool:
+    if not isinstance(value, bool):
+        raise Invalid("true or false")
+    return value
+
+
 def _xml_devices(value: Any, ctx: Context) -> str:
     from lxml import etree
 
@@ -291,6 +364,23 @@ VM_SETTINGS: tuple[Setting, ...] = (
                 {"type": "object",
                  "additionalProperties": {"enum": list(DEPENDENCY_CONDITIONS)}},
             ]}),
+    Setting("disks", "array of tables", (), _disks,
+            'Disks, attached as virtio disks vda, vdb, ... in order. `{ image = "base.qcow2" '
+            '}` gets a copy-on-write overlay in the VM\'s state directory (the image is '
+            'never written); `{ size = "2G" }` is a blank disk; `readonly = true` attaches '
+            'an image read-only without an overlay. Images are raw or qcow2 (`format` '
+            'overrides detection). Overlays and blank disks are kept between runs unless '
+            '`ephemeral` is set or `vmrun up --fresh` is given.',
+            schema={"type": "array", "maxItems": MAX_DISKS, "items": {
+                "type": "object", "additionalProperties": False,
+                "properties": {"image": {"type": "string", "minLength": 1},
+                               "size": _SIZE_SCHEMA,
+                               "readonly": {"type": "boolean"},
+                               "format": {"enum": list(DISK_FORMATS)}},
+                "oneOf": [{"required": ["image"]}, {"required": ["size"]}]}}),
+    Setting("ephemeral", "boolean", False, _bool,
+            "Start every overlay and blank disk anew on each run.",
+            schema={"type": "boolean"}),
     Setting("xml_devices", "string", None, _xml_devices,
             "Expert escape hatch: libvirt `<devices>` child elements appended to the "
             "generated domain XML, checked against libvirt's schema before anything starts.",
@@ -319,6 +409,8 @@ class VM:
     ready_timeout: float
     count: int
     depends_on: tuple[tuple[str, str], ...]  # (VM name, "ready" | "ok"), resolved
+    disks: tuple[Disk, ...]
+    ephemeral: bool
     xml_devices: str | None
     index: int = 1  # the copy's number, with `count`
     group: str = ""  # the [vm.NAME] table it comes from

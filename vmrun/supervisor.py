@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmrun import _fastsig, control, domain, host, procs
+from vmrun import _fastsig, control, disks, domain, host, procs
 from vmrun.errors import EXIT_FAILED, EXIT_OK, HostError
 from vmrun.layout import StackPaths, VMPaths, short_root_base
 from vmrun.manifest import VM, Stack
@@ -150,8 +150,10 @@ Listener = Callable[[str, str, dict[str, Any]], None]
 class Supervisor:
     """Runs one stack to its end.  `listener(vm, event, data)` hears about progress."""
 
-    def __init__(self, stack: Stack, listener: Listener | None = None) -> None:
+    def __init__(self, stack: Stack, listener: Listener | None = None,
+                 fresh: bool = False) -> None:
         self.stack = stack
+        self.fresh = fresh
         self.paths = StackPaths(stack.state_dir)
         self.listener = listener or (lambda vm, event, data: None)
         self.children: dict[int, Child] = {}  # by pid
@@ -170,6 +172,7 @@ class Supervisor:
         self.started_at = time.time()
         self.accel = ""
         self.pending: list[VM] = []
+        self.attachments: dict[str, list[disks.Attachment]] = {}
         self.never_started: set[str] = set()
 
     # --- set-up ---------------------------------------------------------------------------
@@ -177,8 +180,11 @@ class Supervisor:
     def run(self) -> RunResult:
         the_host = host.check(self.stack.accel)
         self.accel = the_host.accel.name
+        for vm in self.stack.vms:
+            disks.check_space(vm, self.paths.vm(vm.name), self.fresh)
         self.take_lock()
         try:
+            self.prepare_resources()
             self.control = control.listen(self.paths)
             self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             _fastsig.set_child_subreaper()
@@ -227,6 +233,19 @@ class Supervisor:
         # Drivers inherit the lock: the stack counts as running until the last one is gone.
         os.set_inheritable(fd, True)
         self.lock_fd = fd
+
+    def prepare_resources(self) -> None:
+        """What must exist before the reaper is installed (this may run subprocesses).
+
+        Whatever a crashed run of this stack left goes first (we hold the lock), then each
+        VM's disk overlays and blank disks are created as needed.
+        """
+        names = [vm.name for vm in self.stack.vms]
+        procs.clean_runtime(self.paths, names)
+        for vm in self.stack.vms:
+            paths = self.paths.vm(vm.name)
+            disks.remove_unused(vm, paths)
+            self.attachments[vm.name] = disks.prepare(vm, paths, self.fresh)
 
     def prepare_vm(self, vm: VM, paths: VMPaths) -> None:
         """Give the VM a clean root: kill what a crashed run left, drop stale state."""
@@ -511,8 +530,6 @@ class Supervisor:
         vm_paths = {vm.name: self.paths.vm(vm.name) for vm in stack.vms}
         results = {vm.name: VMResult(vm.name, console=str(vm_paths[vm.name].console_log))
                    for vm in stack.vms}
-        # Whatever a crashed run of this stack left goes first (we hold the lock).
-        procs.clean_runtime(self.paths, vm_paths, wait=self.wait_events)
         for vm in stack.vms:
             self.prepare_vm(vm, vm_paths[vm.name])
         probe_root = short_root_base() / f"probe-{os.getpid()}"
@@ -628,7 +645,8 @@ class Supervisor:
                 self.start_vm(vm, accel, vm_paths[vm.name])
 
     def start_vm(self, vm: VM, accel: str, paths: VMPaths) -> None:
-        xml = domain.to_string(domain.build(vm, accel, paths.console_socket))
+        xml = domain.to_string(domain.build(vm, accel, paths.console_socket,
+                                            self.attachments.get(vm.name, ())))
         spec = {
             "name": vm.name, "root": str(paths.root), "xml": xml,
             "console_socket": str(paths.console_socket),

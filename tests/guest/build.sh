@@ -176,7 +176,7 @@ for gm in "${order[@]}"; do
     m=${gm#* }
     echo "$gm${modargs[$m]:+ ${modargs[$m]}}"
 done >"$root/lib/modules/load-order"
-log "modules: $(printf '%s\n' "${order[@]}" | cut -d' ' -f2 | tr '\n' ' ')"
+log "modules: ${order[*]#* }"
 
 # The kernel starts /init with /dev/console as stdin/out/err, so ship the node.
 # Where mknod is not allowed the init reopens it from devtmpfs instead.

@@ -39,13 +39,15 @@ def disk_file(paths: VMPaths, index: int) -> Path:
 
 
 def plan(vm: VM, paths: VMPaths) -> list[Attachment]:
-    """The files attached for `vm`'s disks, in order (nothing is created)."""
+    """The files attached for `vm`'s disks, in order, then its seed (nothing is created)."""
     attachments = []
     for index, disk in enumerate(vm.disks):
         if disk.readonly and disk.image is not None:
             attachments.append(Attachment(disk.image, disk.format, True))
         else:
             attachments.append(Attachment(disk_file(paths, index), "qcow2", False))
+    if vm.cloud_init is not None:
+        attachments.append(Attachment(paths.dir / "seed.iso", "raw", True))
     return attachments
 
 

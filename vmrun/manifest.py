@@ -271,6 +271,31 @@ def _bool(value: Any, ctx: Context) -> bool:
     return value
 
 
+@dataclass(frozen=True)
+class CloudInit:
+    """The files of a NoCloud seed (meta-data is generated when not given)."""
+
+    user_data: Path
+    meta_data: Path | None
+    network_config: Path | None
+
+
+def _cloud_init(value: Any, ctx: Context) -> CloudInit:
+    expected = ('a table { user_data = "file" }, with optional meta_data and '
+                'network_config files')
+    if not isinstance(value, dict) or "user_data" not in value:
+        raise Invalid(expected)
+    unknown = set(value) - {"user_data", "meta_data", "network_config"}
+    if unknown:
+        raise Invalid(expected + f" (unknown key {sorted(unknown)[0]!r})")
+    return CloudInit(
+        user_data=_file(value["user_data"], ctx),
+        meta_data=_file(value["meta_data"], ctx) if "meta_data" in value else None,
+        network_config=(_file(value["network_config"], ctx)
+                        if "network_config" in value else None),
+    )
+
+
 def _xml_devices(value: Any, ctx: Context) -> str:
     from lxml import etree
 
@@ -381,6 +406,13 @@ VM_SETTINGS: tuple[Setting, ...] = (
     Setting("ephemeral", "boolean", False, _bool,
             "Start every overlay and blank disk anew on each run.",
             schema={"type": "boolean"}),
+    Setting("cloud_init", "table", None, _cloud_init,
+            "Build a cloud-init NoCloud seed (volume label cidata) from these files and "
+            "attach it read-only as the last virtio disk. meta_data defaults to "
+            "instance-id and local-hostname = the VM's name.",
+            schema={"type": "object", "additionalProperties": False, "required": ["user_data"],
+                    "properties": {k: {"type": "string", "minLength": 1}
+                                   for k in ("user_data", "meta_data", "network_config")}}),
     Setting("xml_devices", "string", None, _xml_devices,
             "Expert escape hatch: libvirt `<devices>` child elements appended to the "
             "generated domain XML, checked against libvirt's schema before anything starts.",
@@ -411,6 +443,7 @@ class VM:
     depends_on: tuple[tuple[str, str], ...]  # (VM name, "ready" | "ok"), resolved
     disks: tuple[Disk, ...]
     ephemeral: bool
+    cloud_init: CloudInit | None
     xml_devices: str | None
     index: int = 1  # the copy's number, with `count`
     group: str = ""  # the [vm.NAME] table it comes from

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmrun import _fastsig, control, disks, domain, host, procs
+from vmrun import _fastsig, control, disks, domain, host, procs, seed
 from vmrun.errors import EXIT_FAILED, EXIT_OK, HostError
 from vmrun.layout import StackPaths, VMPaths, short_root_base
 from vmrun.manifest import VM, Stack
@@ -246,6 +246,8 @@ class Supervisor:
             paths = self.paths.vm(vm.name)
             disks.remove_unused(vm, paths)
             self.attachments[vm.name] = disks.prepare(vm, paths, self.fresh)
+            if vm.cloud_init is not None:
+                seed.write(seed.seed_file(paths), seed.contents(self.stack, vm))
 
     def prepare_vm(self, vm: VM, paths: VMPaths) -> None:
         """Give the VM a clean root: kill what a crashed run left, drop stale state."""

@@ -1,0 +1,57 @@
+"""cloud-init NoCloud seeds: an ISO 9660 image labelled `cidata` with the VM's
+user-data, meta-data and (optionally) network-config, written with pycdlib.
+
+The seed is made anew on each run in the VM's state directory and attached read-only as a
+virtio disk (a SATA CD-ROM would be invisible to kernels without AHCI, such as Debian's
+cloud kernel).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from vmrun.layout import VMPaths
+from vmrun.manifest import VM, Stack
+
+VOLUME_LABEL = "cidata"
+
+
+def seed_file(paths: VMPaths) -> Path:
+    return paths.dir / "seed.iso"
+
+
+def default_meta_data(stack: Stack, vm: VM) -> bytes:
+    return f"instance-id: {stack.name}-{vm.name}\nlocal-hostname: {vm.name}\n".encode()
+
+
+def contents(stack: Stack, vm: VM, network_config: bytes | None = None) -> dict[str, bytes]:
+    """The seed's files, by name."""
+    assert vm.cloud_init is not None
+    files = {"user-data": vm.cloud_init.user_data.read_bytes()}
+    if vm.cloud_init.meta_data is not None:
+        files["meta-data"] = vm.cloud_init.meta_data.read_bytes()
+    else:
+        files["meta-data"] = default_meta_data(stack, vm)
+    if vm.cloud_init.network_config is not None:
+        files["network-config"] = vm.cloud_init.network_config.read_bytes()
+    elif network_config is not None:
+        files["network-config"] = network_config
+    return files
+
+
+def write(path: Path, files: dict[str, bytes]) -> None:
+    """Write an ISO 9660 image (Joliet and Rock Ridge names) labelled cidata."""
+    import pycdlib
+
+    iso = pycdlib.PyCdlib()
+    iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident=VOLUME_LABEL)
+    for number, (name, data) in enumerate(sorted(files.items())):
+        # Plain ISO 9660 names are short and upper-case: Rock Ridge and Joliet carry
+        # the real ones, which is what guests see.
+        iso_name = f"/F{number}.;1"
+        iso.add_fp(io.BytesIO(data), len(data), iso_name, rr_name=name, joliet_path=f"/{name}")
+    tmp = path.with_name(path.name + ".new")
+    iso.write(str(tmp))
+    iso.close()
+    tmp.replace(path)

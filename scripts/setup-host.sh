@@ -9,6 +9,7 @@ packages=(
     libvirt-dev pkg-config gcc                  # to build libvirt-python
     python3 python3-venv python3-dev            # the venv and the Cython extension
     cpio gzip xz-utils                          # to build the test guest
+    iproute2                                    # private networks (ip netns)
 )
 
 missing=()

@@ -18,11 +18,13 @@ VMS = {
     "minimal": VM(name="alpha", kernel=Path("/guest/vmlinuz"), initrd=None,
                   cmdline="console=ttyS0", memory=256, cpus=1, timeout=None,
                   success=None, failure=None, ready=None, ready_timeout=120, count=1,
-                  depends_on=(), xml_devices=None, disks=(), ephemeral=False, cloud_init=None),
+                  depends_on=(), xml_devices=None, disks=(), ephemeral=False, cloud_init=None,
+                  networks=(), forward=()),
     "full": VM(name="beta-2", kernel=Path("/guest/vmlinuz"), initrd=Path("/guest/initrd.gz"),
                cmdline='console=ttyS0 quiet guest.say="a <b> & c"', memory=1024, cpus=2,
                timeout=60, success="OK", failure="FAIL", ready="READY", ready_timeout=30,
                count=1, depends_on=(), disks=(), ephemeral=False, cloud_init=None,
+               networks=(), forward=(),
                xml_devices='<rng model="virtio"><backend model="random">/dev/urandom</backend>'
                            '</rng>'),
 }

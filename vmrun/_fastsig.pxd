@@ -70,3 +70,8 @@ cdef extern from "<fcntl.h>" nogil:
         F_SETFL
         O_NONBLOCK
     int fcntl(int fd, int cmd, ...)
+
+
+cdef extern from "<sched.h>" nogil:
+    int setns(int fd, int nstype)
+    enum: CLONE_NEWNET

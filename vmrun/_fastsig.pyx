@@ -194,6 +194,17 @@ def set_pdeathsig(int signum, int expected_ppid):
     return getppid() == expected_ppid
 
 
+def enter_netns(int fd):
+    """Move the calling thread into the network namespace open at fd: setns(fd, NEWNET).
+
+    Used by a driver (before it opens libvirt, so QEMU and its taps live there) and by the
+    port forwarder.  Sockets created afterwards belong to that namespace; sockets created
+    before keep theirs.  Raises OSError if setns fails.
+    """
+    if setns(fd, CLONE_NEWNET) != 0:
+        _raise_oserror(errno)
+
+
 def install(int wake_fd, forward):
     """Install the C-level SIGCHLD handler and forwarding handlers.
 

@@ -210,10 +210,13 @@ def cmd_ps(args: argparse.Namespace) -> int:
             sys.stdout.write(_table(rows))
         return 1
     table: list[tuple[str, ...]] = [
-        ("VM", "STATE", "OUTCOME", "UPTIME", "ACCEL", "QEMU PID", "REASON")]
+        ("VM", "STATE", "OUTCOME", "UPTIME", "ACCEL", "QEMU PID", "ADDRESSES", "FORWARDS",
+         "REASON")]
     for name, vm in state["vms"].items():
+        addresses = ",".join(f"{net}={a['ip']}" for net, a in vm["addresses"].items())
         table.append((name, vm["state"], vm["outcome"] or "-", _age(vm["uptime"]),
-                      vm["accel"] or "-", str(vm["qemu_pid"] or "-"), vm["reason"] or ""))
+                      vm["accel"] or "-", str(vm["qemu_pid"] or "-"), addresses or "-",
+                      ",".join(vm["forwards"]) or "-", vm["reason"] or ""))
     sys.stdout.write(_table(table))
     return 0
 

@@ -56,6 +56,12 @@ def build(vm: VM, accel: str, console_socket: Path,
         _sub(element, "target", dev=f"vd{chr(ord('a') + index)}", bus="virtio")
         if disk.readonly:
             _sub(element, "readonly")
+    for address in vm.addresses:
+        nic = _sub(devices, "interface", type="bridge")
+        _sub(nic, "source", bridge=f"vr-{address.network}")  # in the stack's namespace
+        _sub(nic, "mac", address=address.mac)
+        _sub(nic, "model", type="virtio")
+        _sub(nic, "rom", enabled="no")  # no iPXE: direct kernel boot does not need it
     # The serial console is a UNIX socket QEMU listens on; the driver reads it.
     serial = _sub(devices, "serial", type="unix")
     _sub(serial, "source", mode="bind", path=str(console_socket))

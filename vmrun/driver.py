@@ -363,6 +363,12 @@ def read_pidfile(root: str, name: str) -> int | None:
 
 def main(argv: list[str]) -> int:
     spec = json.loads(argv[1])
+    if spec.get("netns"):
+        # Before any thread and before libvirt: QEMU and its taps then live in the
+        # stack's private network namespace.
+        fd = os.open(spec["netns"], os.O_RDONLY | os.O_CLOEXEC)
+        _fastsig.enter_netns(fd)
+        os.close(fd)
     driver = Driver(spec)
     os.set_blocking(COMMAND_FD, False)
     driver.install_signals()

@@ -21,7 +21,7 @@ try:
 except ModuleNotFoundError:  # pragma: no cover - Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef,import-not-found,unused-ignore]
 
-from vmrun import interpolate
+from vmrun import interpolate, network
 from vmrun.errors import ManifestError, Problem
 
 NAME_RE = re.compile(r"[a-z][a-z0-9-]*\Z")
@@ -296,6 +296,27 @@ def _cloud_init(value: Any, ctx: Context) -> CloudInit:
     )
 
 
+def _network_names(value: Any, ctx: Context) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise Invalid('an array of network names, e.g. ["lan"]')
+    if len(set(value)) != len(value):
+        raise Invalid("each network once")
+    return tuple(value)
+
+
+def _forwards(value: Any, ctx: Context) -> tuple[network.Forward, ...]:
+    expected = 'an array like ["8080:80", "127.0.0.1:2222:22"]'
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise Invalid(expected)
+    forwards = []
+    for text in value:
+        try:
+            forwards.append(network.parse_forward(text))
+        except ValueError as exc:
+            raise Invalid(f"{expected}: {exc}") from None
+    return tuple(forwards)
+
+
 def _xml_devices(value: Any, ctx: Context) -> str:
     from lxml import etree
 
@@ -406,6 +427,17 @@ VM_SETTINGS: tuple[Setting, ...] = (
     Setting("ephemeral", "boolean", False, _bool,
             "Start every overlay and blank disk anew on each run.",
             schema={"type": "boolean"}),
+    Setting("networks", "array", (), _network_names,
+            "Private networks (`[network.NAME]`) the VM is attached to, as virtio NICs "
+            "in this order; each gives it a fixed address and MAC (placeholders "
+            "`{net.NAME.ip}` etc. in cmdline).",
+            schema={"type": "array", "items": {"type": "string"}, "uniqueItems": True}),
+    Setting("forward", "array", (), _forwards,
+            'Host TCP ports forwarded to the VM\'s first network address: "8080:80" '
+            '(host 127.0.0.1:8080 to guest port 80) or "ADDRESS:HOSTPORT:GUESTPORT".',
+            schema={"type": "array", "items": {
+                "type": "string",
+                "pattern": r"^(\d{1,3}(\.\d{1,3}){3}:)?\d{1,5}:\d{1,5}$"}}),
     Setting("cloud_init", "table", None, _cloud_init,
             "Build a cloud-init NoCloud seed (volume label cidata) from these files and "
             "attach it read-only as the last virtio disk. meta_data defaults to "
@@ -423,7 +455,10 @@ VM_SETTINGS: tuple[Setting, ...] = (
 STACK_TABLES = {
     "defaults": "Values for any `[vm.*]` key; a VM's own value wins.",
     "vm": "One table per VM: `[vm.NAME]`.",
+    "network": "One table per private network: `[network.NAME]`, with an optional "
+               '`subnet = "10.77.0.0/24"` (default: a free /24 of 10.77.0.0/16).',
 }
+NETWORK_NAME_MAX = 12  # bridge names (vr-NAME) must fit in 15 characters
 
 
 @dataclass(frozen=True)
@@ -443,10 +478,13 @@ class VM:
     depends_on: tuple[tuple[str, str], ...]  # (VM name, "ready" | "ok"), resolved
     disks: tuple[Disk, ...]
     ephemeral: bool
+    networks: tuple[str, ...]
+    forward: tuple[network.Forward, ...]
     cloud_init: CloudInit | None
     xml_devices: str | None
     index: int = 1  # the copy's number, with `count`
     group: str = ""  # the [vm.NAME] table it comes from
+    addresses: tuple[network.Address, ...] = ()  # one per network, in `networks` order
 
 
 @dataclass(frozen=True)
@@ -458,6 +496,7 @@ class Stack:
     state_dir: Path  # the stack's own directory: <state_dir>/<name>
     vms: tuple[VM, ...] = field(default_factory=tuple)
     lines: dict[tuple[str, ...], int] = field(default_factory=dict, compare=False)
+    networks: dict[str, network.Network] = field(default_factory=dict)
 
     def line_of(self, *keypath: str) -> int | None:
         while keypath:
@@ -673,6 +712,9 @@ def loads(
         vms.extend(_expand(col, where, vm_name, "count" in table or "count" in defaults,
                            settings, top.get("name", "")))
     _resolve_dependencies(col, vms, vm_tables, defaults_raw)
+    networks = _parse_networks(col, data.get("network", {}))
+    vms[:] = _attach_networks(col, vms, networks, top.get("name", ""))
+    _fill_cmdlines(col, vms, top.get("name", ""), networks)
 
     if col.problems:
         raise ManifestError(col.problems)
@@ -689,6 +731,7 @@ def loads(
         state_dir=root / top["name"],
         vms=tuple(vms),
         lines=lines,
+        networks=networks,
     )
 
 
@@ -744,16 +787,113 @@ def _expand(col: _Collector, where: tuple[str, ...], group: str, counted: bool,
                     expected=f"VM names of at most {VM_NAME_MAX} characters",
                     hint="use a shorter [vm.NAME]")
             return []
-        values = {"vm.name": name, "vm.index": str(index), "index": str(index),
-                  "stack.name": stack_name}
-        try:
-            cmdline = fill_placeholders(settings["cmdline"], values)
-        except Invalid as exc:
-            col.add((*where, "cmdline"), "invalid placeholder", expected=exc.expected)
-            return []
-        vms.append(VM(name=name, index=index, group=group,
-                      **dict(settings, cmdline=cmdline)))
+        vms.append(VM(name=name, index=index, group=group, **settings))
     return vms
+
+
+def _parse_networks(col: _Collector, tables: Any) -> dict[str, network.Network]:
+    if not isinstance(tables, dict):
+        col.add(("network",), "invalid value", expected="tables [network.NAME]",
+                found=_describe(tables))
+        return {}
+    subnets: dict[str, Any] = {}
+    for name, table in tables.items():
+        where = ("network", name)
+        if not NAME_RE.match(name) or len(name) > NETWORK_NAME_MAX:
+            col.add(where, "invalid network name",
+                    expected=f"lower-case letters, digits and '-', starting with a letter, "
+                             f"at most {NETWORK_NAME_MAX} characters", found=f'"{name}"')
+            continue
+        if not isinstance(table, dict):
+            col.add(where, "invalid value", expected="a table", found=_describe(table))
+            continue
+        for key in set(table) - {"subnet"}:
+            col.add((*where, key), "unknown key", hint=_did_you_mean(key, ["subnet"]))
+        subnets[name] = None
+        if "subnet" in table:
+            try:
+                subnet = network.parse_subnet(str(table["subnet"]))
+            except ValueError as exc:
+                col.add((*where, "subnet"), "invalid value", expected=str(exc),
+                        found=_describe(table["subnet"]))
+                continue
+            clash = [n for n, other in subnets.items() if other and other.overlaps(subnet)]
+            if clash:
+                col.add((*where, "subnet"), f"overlaps the subnet of network {clash[0]}")
+                continue
+            subnets[name] = subnet
+    free = iter(network.default_subnets(
+        sum(1 for v in subnets.values() if v is None),
+        {v for v in subnets.values() if v is not None}))
+    return {name: network.Network(name, subnet or next(free))
+            for name, subnet in subnets.items()}
+
+
+def _attach_networks(col: _Collector, vms: list[VM], networks: dict[str, network.Network],
+                     stack_name: str) -> list[VM]:
+    """Check each VM's networks and forwards, and give it its addresses."""
+    members: dict[str, list[str]] = {}
+    ports: dict[tuple[str, int], str] = {}
+    for vm in vms:
+        where = ("vm", vm.group, "networks")
+        for name in vm.networks:
+            if name not in networks:
+                col.add(where, f'unknown network "{name}"',
+                        expected="the name of a [network.NAME] table",
+                        hint=_did_you_mean(name, list(networks)) or
+                        f"declare it: [network.{name}]")
+            else:
+                members.setdefault(name, []).append(vm.name)
+        for forward in vm.forward:
+            key = (forward.host_address, forward.host_port)
+            if not vm.networks:
+                col.add(("vm", vm.group, "forward"), "a forward needs a network",
+                        hint='attach the VM to a network: networks = ["lan"] and a '
+                             "[network.lan] table")
+            elif key in ports:
+                col.add(("vm", vm.group, "forward"),
+                        f"host port {forward.host_address}:{forward.host_port} is already "
+                        f"forwarded to {ports[key]}")
+            ports[key] = vm.name
+    try:
+        addresses = network.assign(stack_name, networks, members)
+    except ValueError as exc:
+        col.add(("network",), str(exc), hint="use a larger subnet")
+        return vms
+    return [VM(**{**vm.__dict__, "addresses": tuple(
+        addresses[(vm.name, n)] for n in vm.networks if (vm.name, n) in addresses)})
+        for vm in vms]
+
+
+def placeholder_values(vm: VM, stack_name: str,
+                       networks: dict[str, network.Network] | None = None) -> dict[str, str]:
+    values = {"vm.name": vm.name, "vm.index": str(vm.index), "index": str(vm.index),
+              "stack.name": stack_name}
+    for address in vm.addresses:
+        prefix = f"net.{address.network}."
+        values[prefix + "ip"] = str(address.ip)
+        values[prefix + "prefix"] = str(address.prefix)
+        values[prefix + "cidr"] = address.cidr
+        values[prefix + "mac"] = address.mac
+        if networks and address.network in networks:
+            values[prefix + "gateway"] = str(networks[address.network].gateway)
+    return values
+
+
+def _fill_cmdlines(col: _Collector, vms: list[VM], stack_name: str,
+                   networks: dict[str, network.Network]) -> None:
+    reported: set[str] = set()
+    for i, vm in enumerate(vms):
+        try:
+            cmdline = fill_placeholders(vm.cmdline,
+                                        placeholder_values(vm, stack_name, networks))
+        except Invalid as exc:
+            if vm.group not in reported:
+                col.add(("vm", vm.group, "cmdline"), "invalid placeholder",
+                        expected=exc.expected)
+                reported.add(vm.group)
+            continue
+        vms[i] = VM(**{**vm.__dict__, "cmdline": cmdline})
 
 
 def _resolve_dependencies(col: _Collector, vms: list[VM], vm_tables: Any,

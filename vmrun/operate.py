@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmrun import control, procs
+from vmrun import control, netns, procs
 from vmrun.errors import HostError, UsageError
 from vmrun.layout import StackPaths
 from vmrun.manifest import Stack
@@ -70,6 +70,7 @@ def down(stack: Stack, timeout: float | None) -> DownResult:
                 "on its control socket", hint=f"try again in a moment, or kill {holder}",
             ) from None
         killed = procs.clean_runtime(paths, [vm.name for vm in stack.vms])
+        netns.teardown(stack.state_dir)
         return DownResult(False, None, tuple(killed))
     if not control.wait_closed(sock, wait_for + DOWN_GRACE):
         raise HostError(f'stack "{stack.name}" did not stop within {wait_for + DOWN_GRACE:g}s',
@@ -94,6 +95,7 @@ def clean(stack: Stack) -> list[Path]:
         if vms_dir.is_dir():
             names += [p.name for p in vms_dir.iterdir() if p.name not in names]
     procs.clean_runtime(paths, names)
+    netns.teardown(stack.state_dir)
     removed = []
     for name in names:
         vm = paths.vm(name)

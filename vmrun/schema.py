@@ -60,6 +60,16 @@ def manifest_schema() -> dict[str, Any]:
         "patternProperties": {vm_name_pattern(): {"$ref": "#/$defs/vm"}},
         "additionalProperties": False,
     }
+    top["properties"]["network"] = {
+        "type": "object",
+        "description": manifest.STACK_TABLES["network"],
+        "propertyNames": {"pattern": manifest.json_pattern(manifest.NAME_RE),
+                          "maxLength": manifest.NETWORK_NAME_MAX},
+        "additionalProperties": {
+            "type": "object", "additionalProperties": False,
+            "properties": {"subnet": {"type": "string",
+                                      "description": "IPv4 subnet, prefix /8 to /28"}}},
+    }
     top["required"] = ["vm"]
     # A VM needs each required key (kernel) unless [defaults] gives it: one if/then per key.
     top["allOf"] = [{

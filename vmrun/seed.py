@@ -37,7 +37,21 @@ def contents(stack: Stack, vm: VM, network_config: bytes | None = None) -> dict[
         files["network-config"] = vm.cloud_init.network_config.read_bytes()
     elif network_config is not None:
         files["network-config"] = network_config
+    elif vm.addresses:
+        files["network-config"] = default_network_config(vm)
     return files
+
+
+def default_network_config(vm: VM) -> bytes:
+    """cloud-init network config (version 2): each NIC, matched by MAC, gets its address."""
+    lines = ["version: 2", "ethernets:"]
+    for address in vm.addresses:
+        lines += [f"  {address.network}:",
+                  "    match:",
+                  f'      macaddress: "{address.mac}"',
+                  f"    set-name: {address.network}",
+                  f"    addresses: [{address.cidr}]"]
+    return ("\n".join(lines) + "\n").encode()
 
 
 def write(path: Path, files: dict[str, bytes]) -> None:

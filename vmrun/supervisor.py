@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmrun import _fastsig, control, disks, domain, host, procs, seed
+from vmrun import _fastsig, control, disks, domain, host, netns, procs, seed
 from vmrun.errors import EXIT_FAILED, EXIT_OK, HostError
 from vmrun.layout import StackPaths, VMPaths, short_root_base
 from vmrun.manifest import VM, Stack
@@ -65,6 +65,8 @@ class VMResult:
     started: float | None = None
     stopped: float | None = None
     console: str = ""
+    addresses: dict[str, dict[str, str]] = field(default_factory=dict)
+    forwards: list[str] = field(default_factory=list)
 
     @property
     def duration(self) -> float | None:
@@ -94,6 +96,8 @@ class RunResult:
                     "started": _iso(r.started),
                     "stopped": _iso(r.stopped),
                     "console": r.console,
+                    "addresses": r.addresses,
+                    "forwards": r.forwards,
                 }
                 for name, r in self.vms.items()
             },
@@ -173,6 +177,9 @@ class Supervisor:
         self.accel = ""
         self.pending: list[VM] = []
         self.attachments: dict[str, list[disks.Attachment]] = {}
+        self.listeners: list[socket.socket] = []  # forwarded host ports, bound early
+        self.netns_path: Path | None = None
+        self.forwarder: int | None = None  # pid
         self.never_started: set[str] = set()
 
     # --- set-up ---------------------------------------------------------------------------
@@ -180,10 +187,12 @@ class Supervisor:
     def run(self) -> RunResult:
         the_host = host.check(self.stack.accel)
         self.accel = the_host.accel.name
+        netns.require_root(self.stack)
         for vm in self.stack.vms:
             disks.check_space(vm, self.paths.vm(vm.name), self.fresh)
         self.take_lock()
         try:
+            self.listeners = bind_forwards(self.stack)
             self.prepare_resources()
             self.control = control.listen(self.paths)
             self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -197,6 +206,9 @@ class Supervisor:
                 os.close(self.wake_r)
         finally:
             self.close_control()
+            for sock in self.listeners:
+                sock.close()
+            netns.teardown(self.stack.state_dir)
             os.close(self.lock_fd)
 
     def close_control(self) -> None:
@@ -242,6 +254,7 @@ class Supervisor:
         """
         names = [vm.name for vm in self.stack.vms]
         procs.clean_runtime(self.paths, names)
+        self.netns_path = netns.setup(self.stack)
         for vm in self.stack.vms:
             paths = self.paths.vm(vm.name)
             disks.remove_unused(vm, paths)
@@ -450,7 +463,8 @@ class Supervisor:
             child = self.drivers.get(vm.name)
             entry: dict[str, Any] = {"state": "starting", "outcome": None, "reason": None,
                                      "started": None, "uptime": None, "qemu_pid": None,
-                                     "accel": self.accel}
+                                     "accel": self.accel, "addresses": addresses_of(vm),
+                                     "forwards": [str(f) for f in vm.forward]}
             if vm.name in self.never_started:
                 entry["state"] = "stopped"
             elif child is None and vm in self.pending:
@@ -530,7 +544,9 @@ class Supervisor:
         stack = self.stack
         accel = the_host.accel.name
         vm_paths = {vm.name: self.paths.vm(vm.name) for vm in stack.vms}
-        results = {vm.name: VMResult(vm.name, console=str(vm_paths[vm.name].console_log))
+        results = {vm.name: VMResult(vm.name, console=str(vm_paths[vm.name].console_log),
+                                     addresses=addresses_of(vm),
+                                     forwards=[str(f) for f in vm.forward])
                    for vm in stack.vms}
         for vm in stack.vms:
             self.prepare_vm(vm, vm_paths[vm.name])
@@ -546,6 +562,7 @@ class Supervisor:
                 shutil.copy2(cached, caps / cached.name)
 
         drivers = self.drivers
+        self.start_forwarder()
         self.pending = [vm for vm in stack.vms]  # not started yet: waiting for dependencies
         self.start_ready(accel, vm_paths, results)
         while self.pending or not all(c.done for c in drivers.values()):
@@ -579,6 +596,7 @@ class Supervisor:
             _fastsig.unregister_group(child.pid)
             child.close_commands()
 
+        self.stop_forwarder()
         # Let the last QEMU zombies be reaped before leaving.
         deadline = time.monotonic() + 5
         while self.qemu_pids and time.monotonic() < deadline:
@@ -599,6 +617,39 @@ class Supervisor:
         tmp.write_text(json.dumps(run.to_json(), indent=2) + "\n")
         tmp.replace(self.paths.last_run)
         return run
+
+    def start_forwarder(self) -> None:
+        """Start the port forwarder with the listening sockets bound in prepare."""
+        if not self.listeners or self.netns_path is None:
+            return
+        targets = [(vm, fwd) for vm in self.stack.vms for fwd in vm.forward]
+        forwards, actions = [], []
+        for number, (sock, (vm, fwd)) in enumerate(zip(self.listeners, targets, strict=True)):
+            fd = 3 + number
+            actions.append((os.POSIX_SPAWN_DUP2, sock.fileno(), fd))
+            forwards.append({"fd": fd, "ip": str(vm.addresses[0].ip), "port": fwd.guest_port})
+        spec = {"netns": str(self.netns_path), "forwards": forwards,
+                "supervisor_pid": os.getpid()}
+        log = self.paths.dir / "forward.log"
+        self.forwarder = os.posix_spawn(
+            sys.executable, [sys.executable, "-m", "vmrun.forward", json.dumps(spec)],
+            dict(os.environ),
+            file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                          (os.POSIX_SPAWN_OPEN, 1, str(log),
+                           os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+                          (os.POSIX_SPAWN_DUP2, 1, 2), *actions],
+            setpgroup=0)
+
+    def stop_forwarder(self) -> None:
+        if self.forwarder is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.forwarder, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while self.forwarder not in self.exits and time.monotonic() < deadline:
+            self.wait_events(0.05)
+        self.exits.pop(self.forwarder, None)
+        self.forwarder = None
 
     def dependency_state(self, vm: VM) -> str | None:
         """"met", "waiting", or the reason it can never be met."""
@@ -657,6 +708,7 @@ class Supervisor:
             "success": vm.success, "failure": vm.failure, "timeout": vm.timeout,
             "ready": vm.ready, "ready_timeout": vm.ready_timeout,
             "stop_timeout": self.stack.stop_timeout,
+            "netns": str(self.netns_path) if vm.networks and self.netns_path else None,
         }
         child = self.drivers[vm.name] = self.spawn(vm.name, spec, paths)
         self.listener(vm.name, "spawned", {"pid": child.pid})
@@ -669,6 +721,32 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 self.qemu_pids.add(pid)
+
+
+def addresses_of(vm: VM) -> dict[str, dict[str, str]]:
+    return {a.network: {"ip": str(a.ip), "cidr": a.cidr, "mac": a.mac} for a in vm.addresses}
+
+
+def bind_forwards(stack: Stack) -> list[socket.socket]:
+    """Listening sockets for every forward, bound now: a port in use is exit 3."""
+    listeners: list[socket.socket] = []
+    for vm in stack.vms:
+        for fwd in vm.forward:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((fwd.host_address, fwd.host_port))
+                sock.listen(64)
+            except OSError as exc:
+                sock.close()
+                for other in listeners:
+                    other.close()
+                raise HostError(
+                    f"VM {vm.name}: cannot forward {fwd.host_address}:{fwd.host_port}: "
+                    f"{exc.strerror}",
+                    hint="choose another host port, or stop what uses it") from None
+            listeners.append(sock)
+    return listeners
 
 
 def _describe_status(status: int | None) -> str:

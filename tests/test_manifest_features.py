@@ -146,3 +146,69 @@ def test_cli_check_reports_schema_errors_with_exit_2(files: Path) -> None:
     assert proc.returncode == 2
     assert "libvirt's domain schema rejects the XML" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+NETWORKED = '''
+name = "lab"
+[network.lan]
+subnet = "10.77.0.0/24"
+[network.back]
+[vm.web]
+kernel = "vmlinuz"
+count = 3
+networks = ["lan", "back"]
+cmdline = "ip={net.lan.cidr} gw={net.lan.gateway} mac={net.back.mac} db={vm.db.net.lan.ip}"
+[vm.db]
+kernel = "vmlinuz"
+networks = ["lan"]
+forward = ["8080:80", "0.0.0.0:2222:22"]
+'''
+
+
+def test_networks_addresses_and_placeholders(files: Path) -> None:
+    stack = load(files, NETWORKED)
+    assert str(stack.networks["lan"].subnet) == "10.77.0.0/24"
+    assert str(stack.networks["back"].subnet) == "10.77.1.0/24"  # a free default /24
+    ips = [str(a.ip) for vm in stack.vms for a in vm.addresses if a.network == "lan"]
+    macs = [a.mac for vm in stack.vms for a in vm.addresses]
+    assert len(set(ips)) == len(ips) == 4 and len(set(macs)) == len(macs) == 7
+    web2 = stack.vm("web-2")
+    lan = web2.addresses[0]
+    assert lan.network == "lan" and lan.prefix == 24 and lan.mac.startswith("52:54:00:")
+    db_ip = stack.vm("db").addresses[0].ip
+    assert web2.cmdline == (f"ip={lan.cidr} gw=10.77.0.1 mac={web2.addresses[1].mac} "
+                            f"db={db_ip}")
+    assert [str(f) for f in stack.vm("db").forward] == ["127.0.0.1:8080->80",
+                                                        "0.0.0.0:2222->22"]
+    # deterministic: the same names give the same addresses on every load
+    assert load(files, NETWORKED).vm("web-2").addresses == web2.addresses
+
+
+@pytest.mark.parametrize(("body", "fragment"), [
+    ('[vm.a]\nkernel = "vmlinuz"\nnetworks = ["nope"]\n', 'unknown network "nope"'),
+    ('[network.lan]\nsubnet = "10.0.0.0/30"\n[vm.a]\nkernel = "vmlinuz"\n', "/8 to /28"),
+    ('[network.lan]\nsubnet = "300.1.2.0/24"\n[vm.a]\nkernel = "vmlinuz"\n', "IPv4 subnet"),
+    ('[network.a]\nsubnet = "10.1.0.0/16"\n[network.b]\nsubnet = "10.1.2.0/24"\n'
+     '[vm.a]\nkernel = "vmlinuz"\n', "overlaps the subnet of network a"),
+    ('[network.Bad]\n[vm.a]\nkernel = "vmlinuz"\n', "invalid network name"),
+    ('[network.lan]\nmtu = 9000\n[vm.a]\nkernel = "vmlinuz"\n', "unknown key"),
+    ('[vm.a]\nkernel = "vmlinuz"\nforward = ["8080:80"]\n', "a forward needs a network"),
+    ('[vm.a]\nkernel = "vmlinuz"\nforward = ["80"]\n', "HOSTPORT:GUESTPORT"),
+    ('[vm.a]\nkernel = "vmlinuz"\nforward = ["8080:99999"]\n', "ports from 1 to 65535"),
+    ('[network.lan]\n[vm.a]\nkernel = "vmlinuz"\nnetworks = ["lan"]\nforward = ["80:80"]\n'
+     '[vm.b]\nkernel = "vmlinuz"\nnetworks = ["lan"]\nforward = ["80:81"]\n',
+     "already forwarded to a"),
+    ('[network.lan]\n[vm.a]\nkernel = "vmlinuz"\nnetworks = ["lan"]\nforward = ["80:80"]\n'
+     'count = 2\n', "copies (count) cannot share a host port"),
+    ('[vm.a]\nkernel = "vmlinuz"\ndisks = [{ size = "1G", image = "vmlinuz" }]\n',
+     "exactly one of image and size"),
+    ('[vm.a]\nkernel = "vmlinuz"\ndisks = [{ size = "0" }]\n', "1M to 64T"),
+    ('[vm.a]\nkernel = "vmlinuz"\ndisks = [{ image = "vmlinuz", format = "qcow2" }]\n',
+     "a qcow2 image"),
+    ('[vm.a]\nkernel = "vmlinuz"\ncloud_init = { meta_data = "vmlinuz" }\n', "user_data"),
+])
+def test_network_disk_and_seed_errors(files: Path, body: str, fragment: str) -> None:
+    found = problems(files, body)
+    assert len(found) == 1, found
+    assert found[0].startswith(f"{files / 's.toml'}:"), found
+    assert fragment in found[0], found

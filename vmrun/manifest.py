@@ -768,7 +768,9 @@ def fill_placeholders(text: str, values: Mapping[str, str]) -> str:
             return match.group(0)[0]
         key = match.group(1)
         if key not in values:
-            raise Invalid("known placeholders only: " + ", ".join(f"{{{k}}}" for k in values)
+            own = [k for k in values if not (k.startswith("vm.") and k.count(".") > 1)]
+            raise Invalid("known placeholders only: " + ", ".join(f"{{{k}}}" for k in own)
+                          + (", {vm.OTHER.net.NAME.ip}" if len(own) < len(values) else "")
                           + f" (found {{{key}}}; write {{{{ and }}}} for literal braces)")
         return values[key]
 
@@ -834,6 +836,7 @@ def _attach_networks(col: _Collector, vms: list[VM], networks: dict[str, network
     """Check each VM's networks and forwards, and give it its addresses."""
     members: dict[str, list[str]] = {}
     ports: dict[tuple[str, int], str] = {}
+    reported: set[str] = set()
     for vm in vms:
         where = ("vm", vm.group, "networks")
         for name in vm.networks:
@@ -850,11 +853,15 @@ def _attach_networks(col: _Collector, vms: list[VM], networks: dict[str, network
                 col.add(("vm", vm.group, "forward"), "a forward needs a network",
                         hint='attach the VM to a network: networks = ["lan"] and a '
                              "[network.lan] table")
-            elif key in ports:
+            elif key in ports and ports[key] not in reported:
+                reported.add(ports[key])
+                copies = vm.group != vm.name and ports[key].startswith(vm.group + "-")
                 col.add(("vm", vm.group, "forward"),
                         f"host port {forward.host_address}:{forward.host_port} is already "
-                        f"forwarded to {ports[key]}")
-            ports[key] = vm.name
+                        f"forwarded to {ports[key]}",
+                        hint="copies (count) cannot share a host port: forward from a VM "
+                             "without count" if copies else None)
+            ports.setdefault(key, vm.name)
     try:
         addresses = network.assign(stack_name, networks, members)
     except ValueError as exc:
@@ -883,10 +890,17 @@ def placeholder_values(vm: VM, stack_name: str,
 def _fill_cmdlines(col: _Collector, vms: list[VM], stack_name: str,
                    networks: dict[str, network.Network]) -> None:
     reported: set[str] = set()
+    others: dict[str, str] = {}  # {vm.OTHER.net.NAME.ip} etc.: other VMs' addresses
+    for vm in vms:
+        for address in vm.addresses:
+            prefix = f"vm.{vm.name}.net.{address.network}."
+            others[prefix + "ip"] = str(address.ip)
+            others[prefix + "cidr"] = address.cidr
+            others[prefix + "mac"] = address.mac
     for i, vm in enumerate(vms):
         try:
             cmdline = fill_placeholders(vm.cmdline,
-                                        placeholder_values(vm, stack_name, networks))
+                                        placeholder_values(vm, stack_name, networks) | others)
         except Invalid as exc:
             if vm.group not in reported:
                 col.add(("vm", vm.group, "cmdline"), "invalid placeholder",

@@ -23,10 +23,18 @@ $(VENV)/.installed: pyproject.toml setup.py vmrun/_fastsig.pyx vmrun/_fastsig.px
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
-guest: $(GUEST)/vmlinuz $(GUEST)/initrd.gz
+guest: $(GUEST)/vmlinuz $(GUEST)/initrd.gz $(GUEST)/base.qcow2
 
 $(GUEST)/vmlinuz $(GUEST)/initrd.gz &: tests/guest/build.sh tests/guest/init
 	bash tests/guest/build.sh $(GUEST)
+
+# A small base image for examples/lab: its first line is a marker the guest can read.
+$(GUEST)/base.qcow2:
+	mkdir -p $(GUEST)
+	printf 'vmrun-test lab base image\n' > $(GUEST)/base.raw
+	truncate -s 16M $(GUEST)/base.raw
+	qemu-img convert -f raw -O qcow2 $(GUEST)/base.raw $@
+	rm -f $(GUEST)/base.raw
 
 demo: setup
 	$(BIN)/vmrun up examples/hello/stack.toml

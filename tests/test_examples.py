@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,25 @@ def test_makefile_example(guest: Path, tmp_path: Path) -> None:
     assert "stack ci stopped" in proc.stderr
     ps = subprocess.run([str(vmrun), "ps", str(stack)], capture_output=True, timeout=30)
     assert ps.returncode == 1  # brought down
+
+
+@pytest.mark.timeout(300)
+def test_lab_example(guest: Path, tmp_path: Path) -> None:
+    """examples/lab runs to exit 0 (inside a network namespace of the test's own)."""
+    work = tmp_path / "lab"
+    shutil.copytree(REPO / "examples" / "lab", work,
+                    ignore=shutil.ignore_patterns(".vmrun"))
+    stack = work / "stack.toml"
+    stack.write_text(stack.read_text().replace("../../build/guest", str(guest)))
+    netns = f"vmrun-test-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", netns], check=True, timeout=30)
+    try:
+        subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True, timeout=30)
+        proc = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-m", "vmrun",
+                               "up", str(stack)], capture_output=True, text=True, timeout=280)
+    finally:
+        subprocess.run(["ip", "netns", "del", netns], check=False, timeout=30)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "web-2  | guest: fetched: hello-from-db" in proc.stdout
+    assert "db     | guest: disk says: vmrun-test lab base image" in proc.stdout
+    assert "cloudy | seed: message: configured by cloud-init" in proc.stdout

@@ -54,6 +54,12 @@ def cmdline(say: str | None = None, action: str = "poweroff", sleep: float | Non
     return " ".join(parts)
 
 
+def in_netns(name: str) -> list[str]:
+    """Command prefix: run in the network namespace `name` (a test's own), and in this
+    mount namespace, so that namespaces vmrun creates are visible to the test."""
+    return ["nsenter", f"--net=/run/netns/{name}"]
+
+
 def toml_value(value: Any) -> str:
     if isinstance(value, str):
         return json.dumps(value)  # a JSON string is a valid TOML basic string

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, in_netns
 
 EXAMPLE = REPO / "examples" / "makefile"
 
@@ -45,11 +45,12 @@ def test_lab_example(guest: Path, tmp_path: Path) -> None:
     subprocess.run(["ip", "netns", "add", netns], check=True, timeout=30)
     try:
         subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True, timeout=30)
-        proc = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-m", "vmrun",
-                               "up", str(stack)], capture_output=True, text=True, timeout=280)
+        proc = subprocess.run([*in_netns(netns), sys.executable, "-m", "vmrun", "up",
+                               str(stack)], capture_output=True, text=True, timeout=280)
     finally:
         subprocess.run(["ip", "netns", "del", netns], check=False, timeout=30)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "web-2  | guest: fetched: hello-from-db" in proc.stdout
     assert "db     | guest: disk says: vmrun-test lab base image" in proc.stdout
     assert "cloudy | seed: message: configured by cloud-init" in proc.stdout
+    assert "cloudy | net:       macaddress:" in proc.stdout  # the generated network-config

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,13 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Up, cmdline, last_run, write_stack
+from conftest import Up, cmdline, in_netns, last_run, stack_qemus, wait_until, write_stack
+from vmrun import netns
 from vmrun.manifest import load as load_manifest
 
 
 def vmrun(*args: str, netns: str | None = None,
           timeout: float = 200) -> subprocess.CompletedProcess[str]:
-    prefix = ["ip", "netns", "exec", netns] if netns else []
+    prefix = in_netns(netns) if netns else []
     return subprocess.run([*prefix, sys.executable, "-m", "vmrun", *args],
                           capture_output=True, text=True, timeout=timeout)
 
@@ -33,7 +36,8 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def make_base_image(directory: Path, text: str) -> Path:
+def make_base_images(directory: Path, text: str) -> tuple[Path, Path]:
+    """A raw and a qcow2 image whose first line is `text`."""
     raw = directory / "base.raw"
     with open(raw, "wb") as f:
         f.write(f"{text}\n".encode())
@@ -41,17 +45,18 @@ def make_base_image(directory: Path, text: str) -> Path:
     image = directory / "base.qcow2"
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(image)],
                    check=True, timeout=60)
-    raw.unlink()
-    return image
+    return raw, image
 
 
 @pytest.mark.timeout(300)
 def test_disks_overlay_blank_readonly_and_fresh(guest: Path, tmp_path: Path) -> None:
-    base = make_base_image(tmp_path, "vmrun-test pristine base")
-    before = sha256(base)
+    raw, base = make_base_images(tmp_path, "vmrun-test pristine base")
+    before, raw_before = sha256(base), sha256(raw)
+    write = cmdline(extra="guest.disk=write:from-the-guest")
     vms = {
-        "box": {"cmdline": cmdline(extra="guest.disk=write:from-the-guest"),
-                "disks": [{"image": str(base)}, {"size": "8M"}]},
+        "box": {"cmdline": write, "disks": [{"image": str(base)}, {"size": "8M"}]},
+        "rawbox": {"cmdline": write, "disks": [{"image": str(raw)}]},
+        "temp": {"cmdline": write, "disks": [{"image": str(base)}], "ephemeral": True},
         "ro": {"cmdline": cmdline(extra="guest.disk=read"),
                "disks": [{"image": str(base), "readonly": True}]},
     }
@@ -61,14 +66,21 @@ def test_disks_overlay_blank_readonly_and_fresh(guest: Path, tmp_path: Path) -> 
     assert "box | guest: wrote disk" in up.output
     assert "box | guest: disks: vda vdb" in up.output
     assert "ro | guest: disk says: vmrun-test pristine base" in up.output
-    assert sha256(base) == before  # the guest wrote to its overlay, never to the image
+    # the guests wrote to their overlays, never to the images
+    assert sha256(base) == before and sha256(raw) == raw_before
 
-    # the overlay survives: the next run reads what the guest wrote
-    vms["box"]["cmdline"] = cmdline(extra="guest.disk=read")
+    # overlays survive: the next run reads what the guest wrote, except an ephemeral VM's
+    for vm in ("box", "rawbox", "temp"):
+        vms[vm]["cmdline"] = cmdline(extra="guest.disk=read")
+    del vms["ro"]
     write_stack(tmp_path, guest, vms)
     again = Up(manifest)
     assert again.wait(200) == 0, again.stderr
     assert "box | guest: disk says: vmrun-test from-the-guest" in again.output
+    assert "rawbox | guest: disk says: vmrun-test from-the-guest" in again.output
+    assert "temp | guest: disk says: vmrun-test pristine base" in again.output
+    del vms["rawbox"], vms["temp"]
+    write_stack(tmp_path, guest, vms)
 
     # --fresh starts it anew from the pristine image
     fresh = Up(manifest, "--fresh")
@@ -122,7 +134,7 @@ def read_forward(netns: str, port: int) -> str:
     """Connect to 127.0.0.1:port inside the test's namespace and read one line."""
     code = (f"import socket; s = socket.create_connection(('127.0.0.1', {port}), timeout=20); "
             "s.settimeout(20); print(s.makefile().readline().strip())")
-    proc = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", code],
+    proc = subprocess.run([*in_netns(netns), sys.executable, "-c", code],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip()
@@ -182,8 +194,8 @@ def test_private_network_isolation_and_forward(guest: Path, tmp_path: Path,
     finally:
         down = vmrun("down", "--timeout", "2", str(manifest), netns=test_netns)
     assert down.returncode == 0, down.stderr
-    namespaces = subprocess.run(["ip", "netns", "exec", test_netns, "ip", "netns", "list"],
-                                capture_output=True, text=True, timeout=30).stdout
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                                timeout=30).stdout
     assert "vmrun-" not in namespaces.replace(test_netns, "")  # all torn down
     vms = last_run(manifest, "lab")["vms"]
     assert vms["server"]["addresses"]["lan"]["ip"] == server_ip
@@ -219,3 +231,34 @@ def wait_for_outcome(manifest: Path, name: str, vm: str, netns: str) -> None:
         assert time.monotonic() < deadline, f"{vm} did not finish"
         time.sleep(0.5)
 
+
+
+def netns_names() -> str:
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                          timeout=30).stdout
+
+
+@pytest.mark.timeout(300)
+def test_network_left_by_a_killed_run_is_removed(guest: Path, tmp_path: Path,
+                                                 test_netns: str) -> None:
+    hang = cmdline(action="hang", extra="guest.ip={net.lan.cidr}")
+    manifest = write_network_stack(tmp_path, guest, "killed",
+                                   {"network": ("lan", "10.77.0.0/24")},
+                                   {"one": {"cmdline": hang}})
+    stack_ns = netns.name_for(load_manifest(manifest).state_dir)
+
+    def up_and_kill() -> None:
+        up = vmrun("up", "--detach", str(manifest), netns=test_netns)
+        assert up.returncode == 0, up.stderr
+        assert stack_ns in netns_names()
+        pid = json.loads(vmrun("ps", "--json", str(manifest), netns=test_netns).stdout)["pid"]
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not stack_qemus(manifest, ["one"], name="killed"), timeout=5)
+
+    up_and_kill()
+    assert stack_ns in netns_names()  # left behind by the killed run ...
+    up_and_kill()  # ... and removed by the next `up`, which starts cleanly
+    assert stack_ns in netns_names()
+    down = vmrun("down", str(manifest), netns=test_netns)  # not running: cleans up
+    assert down.returncode == 0, down.stderr
+    assert stack_ns not in netns_names()

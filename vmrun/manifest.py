@@ -345,8 +345,10 @@ _NAME_SCHEMA = {"type": "string", "pattern": json_pattern(NAME_RE), "maxLength":
 _SECONDS_SCHEMA = {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_SECONDS}
 _FILE_SCHEMA = {"type": "string", "minLength": 1}
 _REGEX_SCHEMA = {"type": "string", "minLength": 1}
+# A string using ${VAR} can only be checked once interpolated: the schema lets it through.
+_INTERPOLATED = {"type": "string", "pattern": r"\$\{"}
 _SIZE_SCHEMA = {"anyOf": [{"type": "integer", "minimum": MIN_MEMORY_MIB},
-                          {"type": "string", "pattern": SIZE_JSON_PATTERN}]}
+                          {"type": "string", "pattern": SIZE_JSON_PATTERN}, _INTERPOLATED]}
 
 
 STACK_SETTINGS: tuple[Setting, ...] = (
@@ -435,9 +437,9 @@ VM_SETTINGS: tuple[Setting, ...] = (
     Setting("forward", "array", (), _forwards,
             'Host TCP ports forwarded to the VM\'s first network address: "8080:80" '
             '(host 127.0.0.1:8080 to guest port 80) or "ADDRESS:HOSTPORT:GUESTPORT".',
-            schema={"type": "array", "items": {
-                "type": "string",
-                "pattern": r"^(\d{1,3}(\.\d{1,3}){3}:)?\d{1,5}:\d{1,5}$"}}),
+            schema={"type": "array", "items": {"anyOf": [
+                {"type": "string", "pattern": r"^(\d{1,3}(\.\d{1,3}){3}:)?\d{1,5}:\d{1,5}$"},
+                _INTERPOLATED]}}),
     Setting("cloud_init", "table", None, _cloud_init,
             "Build a cloud-init NoCloud seed (volume label cidata) from these files and "
             "attach it read-only as the last virtio disk. meta_data defaults to "

@@ -8,10 +8,15 @@ Run as ``python -m vmrun.driver SPEC_JSON`` by the supervisor, never by users.  
   starts the domain paused, attaches to its serial console, then resumes it, so not one
   console byte is lost;
 * reports to the supervisor as JSON lines on fd 3: ``running`` (with the QEMU pid),
-  ``console`` lines, ``stopping`` and one final ``result``;
-* decides the VM's outcome: panic and failure patterns and the timeout destroy the guest
-  at once; SIGINT/SIGTERM/SIGHUP press the ACPI power button and destroy the guest after
-  ``stop_timeout`` (a second signal destroys it at once).
+  ``ready``, ``console`` lines, ``stopping`` and one final ``result``;
+* takes commands from the supervisor as JSON lines on stdin (``stop`` with a timeout,
+  ``destroy``); EOF there, like the parent-death signal, means the supervisor is gone;
+* decides the VM's outcome: panic and failure patterns and the timeouts (``timeout``,
+  ``ready_timeout``) destroy the guest at once; SIGINT/SIGTERM/SIGHUP and ``stop`` press
+  the ACPI power button (again every second) and destroy the guest after the stop
+  timeout (a second request destroys it at once);
+* runs inside the stack's network namespace when the VM has networks (entered before
+  libvirt is opened, so QEMU and its taps live there).
 
 It never reaps with waitpid(-1): libvirt forks and reaps its own helpers in this process.
 All waiting happens in one select() on a wake-up pipe that the signal handlers (through

@@ -262,3 +262,17 @@ def test_network_left_by_a_killed_run_is_removed(guest: Path, tmp_path: Path,
     down = vmrun("down", str(manifest), netns=test_netns)  # not running: cleans up
     assert down.returncode == 0, down.stderr
     assert stack_ns not in netns_names()
+
+
+@pytest.mark.timeout(200)
+def test_many_nics_starting_at_once(guest: Path, tmp_path: Path, test_netns: str) -> None:
+    """Three VMs with two NICs each start together in one namespace: no tap name clash."""
+    vms = {name: {"cmdline": cmdline(extra="guest.ip={net.lan.cidr}"),
+                  "networks": ["lan", "back"]} for name in ("a", "b", "c")}
+    manifest = write_network_stack(tmp_path, guest, "nics", {"network": ("lan", "10.77.0.0/24")},
+                                   vms)
+    manifest.write_text(manifest.read_text() + "\n[network.back]\n")
+    proc = vmrun("up", str(manifest), netns=test_netns)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in vms:
+        assert f"{name} | guest: eth0 " in proc.stdout.replace("  |", " |")

@@ -60,6 +60,9 @@ def build(vm: VM, accel: str, console_socket: Path,
         nic = _sub(devices, "interface", type="bridge")
         _sub(nic, "source", bridge=f"vr-{address.network}")  # in the stack's namespace
         _sub(nic, "mac", address=address.mac)
+        # Each VM's libvirt would name its taps vnet0, vnet1, ... on its own and clash in
+        # the shared namespace: name them after the MAC, unique within the stack.
+        _sub(nic, "target", dev="vt" + address.mac.replace(":", "")[6:])
         _sub(nic, "model", type="virtio")
         _sub(nic, "rom", enabled="no")  # no iPXE: direct kernel boot does not need it
     # The serial console is a UNIX socket QEMU listens on; the driver reads it.

@@ -21,6 +21,8 @@ import threading
 from typing import Any
 
 from vmrun import _fastsig
+from vmrun.errors import HostError
+from vmrun.manifest import Stack
 
 CONNECT_TIMEOUT = 10.0
 
@@ -80,6 +82,30 @@ def main(argv: list[str]) -> int:
     print("vmrun forward: ready", file=sys.stderr, flush=True)
     while True:
         signal.pause()
+
+
+# --- the supervisor's side ------------------------------------------------------------
+
+def bind_forwards(stack: Stack) -> list[socket.socket]:
+    """Listening sockets for every forward, bound now: a port in use is exit 3."""
+    listeners: list[socket.socket] = []
+    for vm in stack.vms:
+        for fwd in vm.forward:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((fwd.host_address, fwd.host_port))
+                sock.listen(64)
+            except OSError as exc:
+                sock.close()
+                for other in listeners:
+                    other.close()
+                raise HostError(
+                    f"VM {vm.name}: cannot forward {fwd.host_address}:{fwd.host_port}: "
+                    f"{exc.strerror}",
+                    hint="choose another host port, or stop what uses it") from None
+            listeners.append(sock)
+    return listeners
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import select
@@ -33,81 +32,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmrun import _fastsig, control, disks, domain, host, netns, procs, seed
+from vmrun import _fastsig, control, disks, domain, host, netns, procs, roots, seed
 from vmrun.errors import EXIT_FAILED, EXIT_OK, HostError
+from vmrun.forward import bind_forwards
 from vmrun.layout import StackPaths, VMPaths, short_root_base
 from vmrun.manifest import VM, Stack
+from vmrun.results import RunResult, VMResult, addresses_of, iso_time
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # After a stop signal, drivers get stop_timeout plus this long before they are killed.
 TEARDOWN_GRACE = 10.0
 
-QEMU_CONF_ROOT = """\
-# Written by vmrun for its embedded driver root.
-stdio_handler = "file"
-user = "root"
-group = "root"
-security_driver = "none"
-namespaces = []
-remember_owner = 0
-"""
-QEMU_CONF_USER = """\
-# Written by vmrun for its embedded driver root.
-stdio_handler = "file"
-"""
-
-
-@dataclass
-class VMResult:
-    name: str
-    outcome: str = "failed"
-    reason: str = ""
-    started: float | None = None
-    stopped: float | None = None
-    console: str = ""
-    addresses: dict[str, dict[str, str]] = field(default_factory=dict)
-    forwards: list[str] = field(default_factory=list)
-
-    @property
-    def duration(self) -> float | None:
-        if self.started is None or self.stopped is None:
-            return None
-        return max(0.0, self.stopped - self.started)
-
-
-@dataclass
-class RunResult:
-    stack: str
-    exit: int
-    vms: dict[str, VMResult]
-    signal: int | None = None
-    accel: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "stack": self.stack,
-            "exit": self.exit,
-            "accel": self.accel,
-            "signal": self.signal,
-            "vms": {
-                name: {
-                    "outcome": r.outcome,
-                    "reason": r.reason,
-                    "started": _iso(r.started),
-                    "stopped": _iso(r.stopped),
-                    "console": r.console,
-                    "addresses": r.addresses,
-                    "forwards": r.forwards,
-                }
-                for name, r in self.vms.items()
-            },
-        }
-
-
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
 
 
 @dataclass
@@ -262,42 +197,11 @@ class Supervisor:
             if vm.cloud_init is not None:
                 seed.write(seed.seed_file(paths), seed.contents(self.stack, vm))
 
-    def prepare_vm(self, vm: VM, paths: VMPaths) -> None:
-        """Give the VM a clean root: kill what a crashed run left, drop stale state."""
-        paths.dir.mkdir(parents=True, exist_ok=True)
-        if paths.root != paths.root_link:
-            paths.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-            if not paths.root_link.is_symlink() or paths.root_link.readlink() != paths.root:
-                if paths.root_link.is_symlink() or paths.root_link.is_file():
-                    paths.root_link.unlink()
-                elif paths.root_link.is_dir():
-                    shutil.rmtree(paths.root_link)
-                paths.root_link.symlink_to(paths.root)
-        else:
-            paths.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        paths.qemu_conf.parent.mkdir(parents=True, exist_ok=True)
-        paths.qemu_conf.write_text(QEMU_CONF_ROOT if os.geteuid() == 0 else QEMU_CONF_USER)
-        paths.console_log.write_bytes(b"")
-        with open(paths.driver_log, "ab") as log:
-            log.write(f"--- vmrun driver log, {time.ctime()} ---\n".encode())
-
     # --- the capabilities cache -----------------------------------------------------------
-
-    def caps_cache_dir(self, the_host: host.Host) -> Path:
-        key = []
-        for path in (the_host.qemu, the_host.libvirt_driver):
-            st = os.stat(path)
-            key.append(f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}")
-        digest = hashlib.sha256("|".join(key).encode()).hexdigest()[:16]
-        if os.geteuid() == 0:
-            base = Path("/var/cache/vmrun")
-        else:
-            base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vmrun"
-        return base / "qemu-capabilities" / digest
 
     def ensure_caps(self, the_host: host.Host, probe_paths: VMPaths) -> Path:
         """Probe QEMU's capabilities once per host and QEMU build; later roots copy them."""
-        cache = self.caps_cache_dir(the_host)
+        cache = roots.caps_cache_dir(the_host)
         if any(cache.glob("*.xml")):
             return cache
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -307,9 +211,7 @@ class Supervisor:
                 return cache
             self.listener("", "probing", {})
             shutil.rmtree(probe_paths.root, ignore_errors=True)
-            probe_paths.qemu_conf.parent.mkdir(parents=True, exist_ok=True)
-            probe_paths.qemu_conf.write_text(
-                QEMU_CONF_ROOT if os.geteuid() == 0 else QEMU_CONF_USER)
+            roots.write_qemu_conf(probe_paths)
             spec = {"name": "probe", "root": str(probe_paths.root), "probe": True,
                     "emulator": the_host.qemu,
                     "virttype": "kvm" if the_host.accel.name == "kvm" else "qemu"}
@@ -473,7 +375,7 @@ class Supervisor:
                 entry["state"] = child.state
                 entry["qemu_pid"] = child.qemu_pid
                 if child.running_at is not None:
-                    entry["started"] = _iso(child.running_at)
+                    entry["started"] = iso_time(child.running_at)
                     end = child.ended_at if child.state == "stopped" else None
                     entry["uptime"] = round((end or now) - child.running_at, 1)
                 if child.result is not None:
@@ -481,7 +383,7 @@ class Supervisor:
                     entry["reason"] = child.result.get("reason")
             vms[vm.name] = entry
         return {"stack": self.stack.name, "pid": os.getpid(), "accel": self.accel,
-                "started": _iso(self.started_at), "manifest": str(self.stack.path),
+                "started": iso_time(self.started_at), "manifest": str(self.stack.path),
                 "stopping": self.signal is not None or self.down_requested, "vms": vms}
 
     def reap(self) -> None:
@@ -549,17 +451,14 @@ class Supervisor:
                                      forwards=[str(f) for f in vm.forward])
                    for vm in stack.vms}
         for vm in stack.vms:
-            self.prepare_vm(vm, vm_paths[vm.name])
+            roots.prepare(vm_paths[vm.name])
         probe_root = short_root_base() / f"probe-{os.getpid()}"
         probe_paths = VMPaths(dir=self.paths.dir, root_link=probe_root, root=probe_root,
                               console_log=self.paths.dir / "probe-console.log",
                               driver_log=self.paths.dir / "probe.log")
         cache = self.ensure_caps(the_host, probe_paths)
         for vm in stack.vms:
-            caps = vm_paths[vm.name].caps_dir
-            caps.mkdir(parents=True, exist_ok=True)
-            for cached in cache.glob("*.xml"):
-                shutil.copy2(cached, caps / cached.name)
+            roots.install_caps(cache, vm_paths[vm.name])
 
         drivers = self.drivers
         self.start_forwarder()
@@ -721,32 +620,6 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 self.qemu_pids.add(pid)
-
-
-def addresses_of(vm: VM) -> dict[str, dict[str, str]]:
-    return {a.network: {"ip": str(a.ip), "cidr": a.cidr, "mac": a.mac} for a in vm.addresses}
-
-
-def bind_forwards(stack: Stack) -> list[socket.socket]:
-    """Listening sockets for every forward, bound now: a port in use is exit 3."""
-    listeners: list[socket.socket] = []
-    for vm in stack.vms:
-        for fwd in vm.forward:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((fwd.host_address, fwd.host_port))
-                sock.listen(64)
-            except OSError as exc:
-                sock.close()
-                for other in listeners:
-                    other.close()
-                raise HostError(
-                    f"VM {vm.name}: cannot forward {fwd.host_address}:{fwd.host_port}: "
-                    f"{exc.strerror}",
-                    hint="choose another host port, or stop what uses it") from None
-            listeners.append(sock)
-    return listeners
 
 
 def _describe_status(status: int | None) -> str:

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from vmrun.errors import HostError
 from vmrun.layout import StackPaths
 
 SOCKET_NAME = "control.sock"
@@ -31,12 +32,23 @@ class NotRunning(Exception):
     """The stack has no live supervisor."""
 
 
+class NoAnswer(HostError):
+    """The stack's lock is held but its supervisor does not answer."""
+
+    def __init__(self, paths: StackPaths, holder: int | None) -> None:
+        super().__init__(f"the stack in {paths.dir} holds its lock (pid {holder}) but does "
+                         "not answer on its control socket",
+                         hint=f"try again in a moment, or stop it: kill {holder}")
+
+
 def lock_holder(paths: StackPaths) -> int | None:
     """The pid written in the lock while the lock is held, or None when nothing runs."""
     try:
         fd = os.open(paths.lock, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as exc:
+        raise HostError(f"cannot read the stack's lock {paths.lock}: {exc.strerror}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -86,9 +98,14 @@ def connect(paths: StackPaths, timeout: float | None = 10.0) -> socket.socket:
             sock.connect(path)
     except (FileNotFoundError, ConnectionRefusedError):
         sock.close()
-        if lock_holder(paths) is None:
+        holder = lock_holder(paths)
+        if holder is None:
             remove_stale_socket(paths)
-        raise NotRunning from None
+            raise NotRunning from None
+        raise NoAnswer(paths, holder) from None
+    except OSError:
+        sock.close()
+        raise NoAnswer(paths, lock_holder(paths)) from None
     return sock
 
 
@@ -101,13 +118,16 @@ def request(paths: StackPaths, message: dict[str, Any],
             timeout: float | None = 10.0) -> tuple[dict[str, Any], socket.socket]:
     """Send one request, return the first reply and the socket (for more replies/EOF)."""
     sock = connect(paths, timeout)
-    sock.sendall((json.dumps(message) + "\n").encode())
-    reader = sock.makefile("rb")
-    line = reader.readline()
+    try:
+        sock.sendall((json.dumps(message) + "\n").encode())
+        line = sock.makefile("rb").readline()
+        reply: dict[str, Any] = json.loads(line) if line else {}
+    except (OSError, ValueError):  # TimeoutError included: a supervisor that hangs
+        sock.close()
+        raise NoAnswer(paths, lock_holder(paths)) from None
     if not line:
         sock.close()
         raise NotRunning
-    reply: dict[str, Any] = json.loads(line)
     return reply, sock
 
 

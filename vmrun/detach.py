@@ -42,7 +42,7 @@ class _Reporter:
             self.fd = -1
 
     def __call__(self, vm: str, event: str, data: dict[str, Any]) -> None:
-        if event == "console":
+        if event in ("console", "tick"):
             return
         self.log.write(f"vmrun: {vm or 'stack'}: {event} {json.dumps(data)}\n")
         self.log.flush()
@@ -81,7 +81,9 @@ def start(stack: Stack, wait_ready: bool, fresh: bool = False) -> Iterator[dict[
             reporter = None
             try:
                 paths.dir.mkdir(parents=True, exist_ok=True)
-                log = open(paths.dir / "up.log", "w", buffering=1)  # noqa: SIM115
+                # Appended to, never truncated: if the stack is running already, this
+                # process only learns so in Supervisor.run(), and its log must survive.
+                log = open(paths.dir / "up.log", "a", buffering=1)  # noqa: SIM115
                 null = os.open(os.devnull, os.O_RDONLY)
                 os.dup2(null, 0)
                 os.dup2(log.fileno(), 1)

@@ -120,7 +120,7 @@ def check_qemu() -> Check:
 
 
 def check_qemu_img() -> Check:
-    return _check_binary("qemu-img", "qemu-img", required=False)
+    return _check_binary("qemu-img", "qemu-img", required=True)
 
 
 def check_accounts() -> Check:
@@ -211,7 +211,7 @@ def run_checks(state_dir: Path | None = None) -> list[Check]:
         ("libvirt", True, check_libvirt),
         ("libvirt-qemu-driver", True, check_qemu_driver),
         ("qemu", True, check_qemu),
-        ("qemu-img", False, check_qemu_img),
+        ("qemu-img", True, check_qemu_img),
         ("libvirt-qemu-account", os.geteuid() == 0, check_accounts),
         ("kvm", False, check_kvm),
         ("state-dir", True, lambda: check_state_dir(state_dir)),

@@ -377,6 +377,9 @@ def main(argv: list[str]) -> int:
     driver = Driver(spec)
     os.set_blocking(COMMAND_FD, False)
     driver.install_signals()
+    # The supervisor starts us with the stop signals blocked (see Supervisor.spawn): one
+    # that came meanwhile is delivered now, to our handler.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     if not _fastsig.set_pdeathsig(SUPERVISOR_DIED, spec["supervisor_pid"]):
         return 1  # the supervisor died before we could watch it: start nothing
     code = driver.probe() if spec.get("probe") else driver.run()

@@ -31,6 +31,7 @@ def read_env_file(path: Path) -> tuple[dict[str, str], list[tuple[int, str]]]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return values, errors
+    # Other OSErrors (a directory, no permission) and UnicodeDecodeError go to the caller.
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):

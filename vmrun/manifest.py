@@ -301,6 +301,14 @@ def loads(
         settings = {s.key: values.get(s.key, s.default) for s in VM_SETTINGS}
         vms.extend(_expand(col, where, vm_name, "count" in table or "count" in defaults,
                            settings, top.get("name", "")))
+    seen: dict[str, str] = {}
+    for vm in list(vms):
+        if vm.name in seen:
+            col.add(("vm", vm.group), f'two VMs are named "{vm.name}"',
+                    found=f"[vm.{seen[vm.name]}] and [vm.{vm.group}]",
+                    hint="rename one table (copies of a table with count are named NAME-N)")
+            vms.remove(vm)
+        seen.setdefault(vm.name, vm.group)
     _resolve_dependencies(col, vms, vm_tables, defaults_raw)
     networks = _parse_networks(col, data.get("network", {}))
     vms[:] = _attach_networks(col, vms, networks, top.get("name", ""))
@@ -329,7 +337,12 @@ def _interpolate(data: dict[str, Any], col: _Collector, base_dir: Path,
                  environ: Mapping[str, str] | None) -> dict[str, Any]:
     """Apply ${VAR} interpolation (environment first, then .env beside the manifest)."""
     env_path = base_dir / ".env"
-    env_file, errors = interpolate.read_env_file(env_path)
+    try:
+        env_file, errors = interpolate.read_env_file(env_path)
+    except (OSError, UnicodeDecodeError) as exc:
+        col.problems.append(Problem("cannot read .env", file=env_path,
+                                    found=getattr(exc, "strerror", None) or str(exc)))
+        env_file, errors = {}, []
     for number, text in errors:
         col.problems.append(Problem("invalid line in .env", file=env_path, line=number,
                                     expected="KEY=VALUE", found=repr(text)))
@@ -414,10 +427,15 @@ def _parse_networks(col: _Collector, tables: Any) -> dict[str, network.Network]:
                 col.add((*where, "subnet"), f"overlaps the subnet of network {clash[0]}")
                 continue
             subnets[name] = subnet
-    free = iter(network.default_subnets(
-        sum(1 for v in subnets.values() if v is None),
-        {v for v in subnets.values() if v is not None}))
-    return {name: network.Network(name, subnet or next(free))
+    wanted = [name for name, subnet in subnets.items() if subnet is None]
+    free = network.default_subnets(len(wanted), {v for v in subnets.values() if v})
+    if len(free) < len(wanted):
+        col.add(("network", wanted[len(free)]), "no free default subnet",
+                expected=f"a free /24 in {network.DEFAULT_SUBNET_BASE}",
+                hint='give this network a subnet = "..." of its own')
+        return {}
+    defaults = dict(zip(wanted, free, strict=True))
+    return {name: network.Network(name, subnet or defaults[name])
             for name, subnet in subnets.items()}
 
 

@@ -58,7 +58,7 @@ class Forward:
 
 def parse_forward(text: str) -> Forward:
     """"8080:80" or "127.0.0.1:2222:22"; raises ValueError with what is expected."""
-    match = _FORWARD_RE.match(text.strip())
+    match = _FORWARD_RE.match(text)
     if not match:
         raise ValueError('"HOSTPORT:GUESTPORT" or "ADDRESS:HOSTPORT:GUESTPORT"')
     address = match.group(1) or "127.0.0.1"

@@ -18,7 +18,7 @@ from typing import Any
 from vmrun import control, netns, procs
 from vmrun.errors import HostError, UsageError
 from vmrun.layout import StackPaths
-from vmrun.manifest import Stack
+from vmrun.manifest import MAX_SECONDS, Stack
 
 # How long `down` waits beyond its timeout for the supervisor to finish.
 DOWN_GRACE = 20.0
@@ -55,6 +55,9 @@ class DownResult:
 
 def down(stack: Stack, timeout: float | None) -> DownResult:
     """Stop a running stack gracefully and wait until it is gone; else clean up leftovers."""
+    if timeout is not None and not (0 <= timeout <= MAX_SECONDS):
+        raise UsageError(f"--timeout takes a number of seconds from 0 to {MAX_SECONDS}, "
+                         f"not {timeout}")
     paths = paths_of(stack)
     wait_for = stack.stop_timeout if timeout is None else timeout
     request: dict[str, Any] = {"cmd": "down"}
@@ -63,12 +66,6 @@ def down(stack: Stack, timeout: float | None) -> DownResult:
     try:
         reply, sock = control.request(paths, request)
     except control.NotRunning:
-        holder = control.lock_holder(paths)
-        if holder is not None:
-            raise HostError(
-                f'stack "{stack.name}" holds its lock (pid {holder}) but does not answer '
-                "on its control socket", hint=f"try again in a moment, or kill {holder}",
-            ) from None
         killed = procs.clean_runtime(paths, [vm.name for vm in stack.vms])
         netns.teardown(stack.state_dir)
         return DownResult(False, None, tuple(killed))
@@ -120,7 +117,7 @@ def check_vm_names(stack: Stack, names: Sequence[str]) -> list[str]:
 def _tail_lines(path: Path, count: int | None) -> tuple[list[str], int]:
     try:
         data = path.read_bytes()
-    except FileNotFoundError:
+    except OSError:  # not there (yet), or the state directory is unusable
         return [], 0
     text = data.decode("utf-8", "replace")
     complete, _, _partial = text.rpartition("\n")
@@ -133,6 +130,8 @@ def _tail_lines(path: Path, count: int | None) -> tuple[list[str], int]:
 def logs(stack: Stack, names: Sequence[str], follow: bool, tail: int | None,
          poll: float = 0.1) -> Iterator[tuple[str, str]]:
     """(vm, line) of the VMs' consoles; with `follow`, until the stack stops running."""
+    if tail is not None and tail < 0:
+        raise UsageError(f"--tail takes a number of lines, 0 or more, not {tail}")
     paths = paths_of(stack)
     names = check_vm_names(stack, names)
     offsets: dict[str, int] = {}
@@ -149,7 +148,7 @@ def logs(stack: Stack, names: Sequence[str], follow: bool, tail: int | None,
             log = paths.vm(name).console_log
             try:
                 size = log.stat().st_size
-            except FileNotFoundError:
+            except OSError:
                 continue
             if size < offsets[name]:  # a new run truncated it
                 offsets[name], pending[name] = 0, b""

@@ -43,10 +43,15 @@ def cmdline(pid: int) -> bytes:
         return b""
 
 
+def _under(path: Path) -> bytes:
+    """`path/` as bytes: matches paths under it, not under a sibling sharing its prefix."""
+    return os.fsencode(str(path).rstrip("/") + "/")
+
+
 def is_qemu_of(pid: int, root: Path) -> bool:
     """True while `pid` is a live QEMU started for the embedded root `root`."""
     cmd = cmdline(pid)
-    return b"qemu" in cmd and os.fsencode(str(root)) in cmd and alive(pid)
+    return b"qemu" in cmd and _under(root) in cmd and alive(pid)
 
 
 def all_pids() -> Iterable[int]:
@@ -55,8 +60,8 @@ def all_pids() -> Iterable[int]:
 
 def stack_processes(paths: StackPaths, names: Iterable[str]) -> list[int]:
     """Live QEMUs of the named VMs and live drivers of the stack."""
-    roots = [os.fsencode(str(paths.vm(name).root)) for name in names]
-    stack_dir = os.fsencode(str(paths.dir))
+    roots = [_under(paths.vm(name).root) for name in names]
+    stack_dir = _under(paths.dir)
     found = []
     for pid in all_pids():
         cmd = cmdline(pid)

@@ -416,7 +416,10 @@ VM_SETTINGS: tuple[Setting, ...] = (
             schema={"type": "array", "maxItems": MAX_DISKS, "items": {
                 "type": "object", "additionalProperties": False,
                 "properties": {"image": {"type": "string", "minLength": 1},
-                               "size": _SIZE_SCHEMA,
+                               "size": {"anyOf": [
+                                   {"type": "integer", "minimum": MIN_DISK_MIB},
+                                   {"type": "string", "pattern": SIZE_JSON_PATTERN},
+                                   _INTERPOLATED]},
                                "readonly": {"type": "boolean"},
                                "format": {"enum": list(DISK_FORMATS)}},
                 "oneOf": [{"required": ["image"]}, {"required": ["size"]}]}}),

@@ -259,6 +259,9 @@ class Supervisor:
                     (os.POSIX_SPAWN_DUP2, w2, 3),
                 ],
                 setpgroup=0,
+                # Blocked until the driver's handlers are in: a forwarded Ctrl-C that
+                # comes earlier stays pending instead of killing it.
+                setsigmask=FORWARDED,
             )
         finally:
             os.close(w2)

@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 
 from vmrun import host
-from vmrun.layout import VMPaths
+from vmrun.layout import VMPaths, short_root_base
+
+OWNER_FILE = ".vmrun-link"  # in a short root: the state-dir link that points to it
 
 QEMU_CONF_ROOT = """\
 # Written by vmrun for its embedded driver root.
@@ -47,12 +49,36 @@ def prepare(paths: VMPaths) -> None:
             elif paths.root_link.is_dir():
                 shutil.rmtree(paths.root_link)
             paths.root_link.symlink_to(paths.root)
+        (paths.root / OWNER_FILE).write_text(str(paths.root_link) + "\n")
     else:
         paths.root.mkdir(parents=True, exist_ok=True, mode=0o700)
     write_qemu_conf(paths)
     paths.console_log.write_bytes(b"")
     with open(paths.driver_log, "ab") as log:
         log.write(f"--- vmrun driver log, {time.ctime()} ---\n".encode())
+
+
+def collect_garbage() -> list[Path]:
+    """Remove short roots whose VM state directory is gone (deleted without `vmrun clean`).
+
+    Each short root names the link that points to it; while the VM's directory exists the
+    root is kept.  Returns the roots removed.
+    """
+    base = short_root_base()
+    removed: list[Path] = []
+    try:
+        candidates = list(base.iterdir())
+    except OSError:
+        return removed
+    for root in candidates:
+        try:
+            link = Path((root / OWNER_FILE).read_text().strip())
+        except OSError:
+            continue  # not ours, or not finished: leave it
+        if not link.parent.exists():
+            shutil.rmtree(root, ignore_errors=True)
+            removed.append(root)
+    return removed
 
 
 def caps_cache_dir(the_host: host.Host) -> Path:

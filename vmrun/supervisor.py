@@ -189,6 +189,7 @@ class Supervisor:
         """
         names = [vm.name for vm in self.stack.vms]
         procs.clean_runtime(self.paths, names)
+        roots.collect_garbage()
         self.netns_path = netns.setup(self.stack)
         for vm in self.stack.vms:
             paths = self.paths.vm(vm.name)

@@ -212,3 +212,18 @@ def test_network_disk_and_seed_errors(files: Path, body: str, fragment: str) -> 
     assert len(found) == 1, found
     assert found[0].startswith(f"{files / 's.toml'}:"), found
     assert fragment in found[0], found
+
+
+def test_entry_errors_name_the_entry_and_suggest(files: Path) -> None:
+    found = problems(files, '''[vm.a]
+kernel = "vmlinuz"
+disks = [{ size = "1G" }, { imgae = "x" }]
+cloud_init = { userdata = "x" }
+forward = ["80:80", "bad"]
+''')
+    assert len(found) == 3, found
+    assert "s.toml:3: vm.a.disks: invalid value in disks[2]:" in found[0]
+    assert 'found the unknown key "imgae"' in found[0] and 'did you mean "image"' in found[0]
+    assert "s.toml:4: vm.a.cloud_init:" in found[1] and 'did you mean "user_data"' in found[1]
+    assert "s.toml:5: vm.a.forward: invalid value in forward[2]:" in found[2]
+    assert 'found the string "bad"' in found[2]

@@ -8,7 +8,6 @@ located (file, line, key) and reported together, so a user fixes a manifest in o
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from collections.abc import Mapping
@@ -44,6 +43,7 @@ from vmrun.settings import (  # re-exported: the rest of vmrun reads them from h
     Invalid,
     Setting,
     describe,
+    did_you_mean,
     image_format,
     json_pattern,
     parse_size_mib,
@@ -178,11 +178,6 @@ class _Collector:
         )
 
 
-def _did_you_mean(key: str, known: list[str]) -> str | None:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    return f'did you mean "{close[0]}"?' if close else None
-
-
 def _convert_table(
     col: _Collector,
     where: tuple[str, ...],
@@ -199,13 +194,13 @@ def _convert_table(
         setting = known.get(key)
         if setting is None:
             col.add(where + (key,), "unknown key",
-                    hint=_did_you_mean(key, [*known, *extra_keys]))
+                    hint=did_you_mean(key, [*known, *extra_keys]))
             continue
         try:
             out[key] = setting.convert(value, ctx)
         except Invalid as exc:
-            col.add(where + (key,), "invalid value", expected=exc.expected,
-                    found=describe(value), hint=exc.hint)
+            col.add(where + (key,), f"invalid value{' in ' + key + exc.where if exc.where else ''}",
+                    expected=exc.expected, found=exc.found or describe(value), hint=exc.hint)
     return out
 
 
@@ -413,7 +408,7 @@ def _parse_networks(col: _Collector, tables: Any) -> dict[str, network.Network]:
             col.add(where, "invalid value", expected="a table", found=describe(table))
             continue
         for key in set(table) - {"subnet"}:
-            col.add((*where, key), "unknown key", hint=_did_you_mean(key, ["subnet"]))
+            col.add((*where, key), "unknown key", hint=did_you_mean(key, ["subnet"]))
         subnets[name] = None
         if "subnet" in table:
             try:
@@ -451,7 +446,7 @@ def _attach_networks(col: _Collector, vms: list[VM], networks: dict[str, network
             if name not in networks:
                 col.add(where, f'unknown network "{name}"',
                         expected="the name of a [network.NAME] table",
-                        hint=_did_you_mean(name, list(networks)) or
+                        hint=did_you_mean(name, list(networks)) or
                         f"declare it: [network.{name}]")
             else:
                 members.setdefault(name, []).append(vm.name)
@@ -540,7 +535,7 @@ def _resolve_dependencies(col: _Collector, vms: list[VM], vm_tables: Any,
             else:
                 col.add(where, f'unknown VM "{target}"', expected="the name of a [vm.NAME] "
                         "table or of one of its copies",
-                        hint=_did_you_mean(target, [*groups, *names]))
+                        hint=did_you_mean(target, [*groups, *names]))
                 continue
             deps += [(m, condition) for m in members]
         if any(m == vm.name for m, _ in deps):

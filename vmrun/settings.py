@@ -9,6 +9,7 @@ key).  A converter takes the TOML value and returns the checked, typed value, or
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -33,10 +34,13 @@ MAX_DISKS = 16
 class Invalid(Exception):
     """Raised by a converter: the value has the wrong type or is out of range."""
 
-    def __init__(self, expected: str, hint: str | None = None) -> None:
+    def __init__(self, expected: str, hint: str | None = None, found: str | None = None,
+                 where: str = "") -> None:
         super().__init__(expected)
         self.expected = expected
         self.hint = hint
+        self.found = found  # what was found, when not the whole value
+        self.where = where  # the part of the value at fault, e.g. "[2].image"
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,11 @@ class Setting:
     doc: str
     required: bool = False
     schema: Mapping[str, Any] = field(kw_only=True, hash=False)
+
+
+def did_you_mean(key: str, known: list[str]) -> str | None:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f'did you mean "{close[0]}"?' if close else None
 
 
 def describe(value: Any) -> str:
@@ -228,9 +237,10 @@ def _disk(value: Any, ctx: Context) -> Disk:
                 'readonly = true (image only) and format = "raw" | "qcow2"')
     if not isinstance(value, dict):
         raise Invalid(expected)
-    unknown = set(value) - {"image", "size", "readonly", "format"}
+    unknown = sorted(set(value) - {"image", "size", "readonly", "format"})
     if unknown:
-        raise Invalid(expected + f" (unknown key {sorted(unknown)[0]!r})")
+        raise Invalid(expected, found=f'the unknown key "{unknown[0]}"',
+                      hint=did_you_mean(unknown[0], ["image", "size", "readonly", "format"]))
     if ("image" in value) == ("size" in value):
         raise Invalid(expected + " (exactly one of image and size)")
     readonly = value.get("readonly", False)
@@ -256,7 +266,14 @@ def _disks(value: Any, ctx: Context) -> tuple[Disk, ...]:
         raise Invalid('an array of disk tables, e.g. [{ image = "base.qcow2" }, { size = "2G" }]')
     if len(value) > MAX_DISKS:
         raise Invalid(f"at most {MAX_DISKS} disks")
-    return tuple(_disk(entry, ctx) for entry in value)
+    disks = []
+    for number, entry in enumerate(value, start=1):
+        try:
+            disks.append(_disk(entry, ctx))
+        except Invalid as exc:
+            raise Invalid(exc.expected, hint=exc.hint, found=exc.found or describe(entry),
+                          where=f"[{number}]") from None
+    return tuple(disks)
 
 
 def _bool(value: Any, ctx: Context) -> bool:
@@ -277,11 +294,15 @@ class CloudInit:
 def _cloud_init(value: Any, ctx: Context) -> CloudInit:
     expected = ('a table { user_data = "file" }, with optional meta_data and '
                 'network_config files')
-    if not isinstance(value, dict) or "user_data" not in value:
+    if not isinstance(value, dict):
         raise Invalid(expected)
-    unknown = set(value) - {"user_data", "meta_data", "network_config"}
+    keys = ["user_data", "meta_data", "network_config"]
+    unknown = sorted(set(value) - set(keys))
     if unknown:
-        raise Invalid(expected + f" (unknown key {sorted(unknown)[0]!r})")
+        raise Invalid(expected, found=f'the unknown key "{unknown[0]}"',
+                      hint=did_you_mean(unknown[0], keys))
+    if "user_data" not in value:
+        raise Invalid(expected, found="no user_data")
     return CloudInit(
         user_data=_file(value["user_data"], ctx),
         meta_data=_file(value["meta_data"], ctx) if "meta_data" in value else None,
@@ -303,11 +324,12 @@ def _forwards(value: Any, ctx: Context) -> tuple[network.Forward, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise Invalid(expected)
     forwards = []
-    for text in value:
+    for number, text in enumerate(value, start=1):
         try:
             forwards.append(network.parse_forward(text))
         except ValueError as exc:
-            raise Invalid(f"{expected}: {exc}") from None
+            raise Invalid(f"{expected}: {exc}", found=describe(text),
+                          where=f"[{number}]") from None
     return tuple(forwards)
 
 

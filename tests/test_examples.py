@@ -54,3 +54,4 @@ def test_lab_example(guest: Path, tmp_path: Path) -> None:
     assert "db     | guest: disk says: vmrun-test lab base image" in proc.stdout
     assert "cloudy | seed: message: configured by cloud-init" in proc.stdout
     assert "cloudy | net:       macaddress:" in proc.stdout  # the generated network-config
+    assert "report | guest: wrote disk" in proc.stdout  # after both web copies ended ok

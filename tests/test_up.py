@@ -58,10 +58,10 @@ def test_outcomes(guest: Path, tmp_path: Path) -> None:
     assert (vms["hangs"]["outcome"], vms["hangs"]["reason"]) == ("failed", "timeout after 12s")
     data = last_run(manifest)
     assert data["exit"] == 1 and data["stack"] == "t"
-    # the panic was caught from the console, not by waiting for the 120 s timeout
+    # the panic was caught from the console within seconds, not by the 120 s timeout
     started = time.mktime(time.strptime(vms["panics"]["started"][:19], "%Y-%m-%dT%H:%M:%S"))
     stopped = time.mktime(time.strptime(vms["panics"]["stopped"][:19], "%Y-%m-%dT%H:%M:%S"))
-    assert stopped - started < 60
+    assert stopped - started < 30
     assert "Kernel panic" in Path(vms["panics"]["console"]).read_text()
     assert not stack_qemus(manifest, list(vms))
 

@@ -48,6 +48,7 @@ from vmrun.settings import (  # re-exported: the rest of vmrun reads them from h
     json_pattern,
     parse_size_mib,
     stack_name,
+    utf8,
 )
 
 
@@ -245,6 +246,10 @@ def loads(
                                      line=line)]) from None
 
     base_dir = path.resolve().parent
+    if not utf8(str(base_dir)):
+        raise ManifestError([Problem("the manifest's directory is not a UTF-8 path; vmrun "
+                                     "keeps paths in libvirt's XML and needs UTF-8",
+                                     file=path)])
     ctx = Context(base_dir=base_dir, host_memory_mib=host_memory or host_memory_mib())
     lines = locate_keys(source)
     col = _Collector(path, lines)

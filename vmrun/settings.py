@@ -161,6 +161,8 @@ def _file(value: Any, ctx: Context) -> Path:
     if not isinstance(value, str) or not value:
         raise Invalid("a file path (relative to the manifest's directory)")
     path = (ctx.base_dir / os.path.expanduser(value)).resolve()
+    if not utf8(str(path)):
+        raise Invalid("a path that is valid UTF-8 (libvirt's XML needs it)")
     if not path.exists():
         raise Invalid(f"an existing file (looked for {path})")
     if not path.is_file():
@@ -168,6 +170,14 @@ def _file(value: Any, ctx: Context) -> Path:
     if not os.access(path, os.R_OK):
         raise Invalid(f"a readable file ({path} cannot be read)")
     return path
+
+
+def utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes of a file name (surrogate escapes)
+        return False
+    return True
 
 
 def _regex(value: Any, ctx: Context) -> str:

@@ -347,13 +347,13 @@ def test_subreaper_reaps_orphaned_grandchild() -> None:
 
 
 @pytest.mark.timeout(30)
-def test_forwarded_sigterm_reaches_registered_group() -> None:
+def test_forwarded_sigterm_reaches_registered_process() -> None:
     def scenario() -> None:
         r, w = wake_pipe()
         fastsig.install(w, [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
         child = spawn(["/bin/sleep", "30"], setpgroup=0)
         assert os.getpgid(child) == child != os.getpgid(0)
-        fastsig.register_group(child)
+        fastsig.register_process(child)
         assert drain(r) == 0
         os.kill(os.getpid(), signal.SIGTERM)  # we survive: the C handler took it
         assert wait_readable(r), "wake fd not readable after SIGTERM"
@@ -380,32 +380,32 @@ def test_take_signals_ascending_once_each() -> None:
 
 
 @pytest.mark.timeout(30)
-def test_forward_from_python_and_group_registry() -> None:
+def test_forward_from_python_and_process_registry() -> None:
     def scenario() -> None:
         r, w = wake_pipe()
         fastsig.install(w, [signal.SIGTERM])
         a = spawn(["/bin/sleep", "30"], setpgroup=0)
         b = spawn(["/bin/sleep", "30"], setpgroup=0)
         assert fastsig.forward(0) == 0  # nothing registered
-        fastsig.register_group(a)
-        fastsig.register_group(b)
-        fastsig.register_group(b)  # idempotent
+        fastsig.register_process(a)
+        fastsig.register_process(b)
+        fastsig.register_process(b)  # idempotent
         assert fastsig.forward(0) == 2
-        fastsig.unregister_group(a)
-        fastsig.unregister_group(a)  # not registered: no-op
+        fastsig.unregister_process(a)
+        fastsig.unregister_process(a)  # not registered: no-op
         assert fastsig.forward(signal.SIGTERM) == 1
         assert term_signal(collect([b], r)[b]) == signal.SIGTERM
         st = proc_stat(a)
         assert st is not None and st[0] != "Z"  # a was not signalled
-        fastsig.register_group(a)
-        # b's group is empty now, so only the kill() for a succeeds.
+        fastsig.register_process(a)
+        # b is gone now, so only the kill() for a succeeds.
         assert fastsig.forward(signal.SIGKILL) == 1
         assert term_signal(collect([a], r)[a]) == signal.SIGKILL
         assert fastsig.take_signals() == []  # forward() is not an arrival
 
         for bad in (0, 1, -5):
             with pytest.raises(ValueError):
-                fastsig.register_group(bad)
+                fastsig.register_process(bad)
         with pytest.raises(ValueError):
             fastsig.forward(-1)
         with pytest.raises(ValueError):
@@ -415,18 +415,18 @@ def test_forward_from_python_and_group_registry() -> None:
 
 
 @pytest.mark.timeout(30)
-def test_register_group_overflow() -> None:
+def test_register_process_overflow() -> None:
     def scenario() -> None:
-        fastsig.unregister_group(0)  # harmless
+        fastsig.unregister_process(0)  # harmless
         # pgids above PID_MAX_LIMIT (2**22) can never exist, so nothing can be hit.
-        fake = [2**30 + i for i in range(fastsig.MAX_GROUPS)]
+        fake = [2**30 + i for i in range(fastsig.MAX_PROCESSES)]
         for pgid in fake:
-            fastsig.register_group(pgid)
-        fastsig.register_group(fake[0])  # already there: still fine when full
+            fastsig.register_process(pgid)
+        fastsig.register_process(fake[0])  # already there: still fine when full
         with pytest.raises(OverflowError):
-            fastsig.register_group(2**30 + fastsig.MAX_GROUPS)
-        fastsig.unregister_group(fake[10])
-        fastsig.register_group(2**30 + fastsig.MAX_GROUPS)
+            fastsig.register_process(2**30 + fastsig.MAX_PROCESSES)
+        fastsig.unregister_process(fake[10])
+        fastsig.register_process(2**30 + fastsig.MAX_PROCESSES)
         assert fastsig.forward(0) == 0
 
     run_forked(scenario)

@@ -130,6 +130,7 @@ def test_down_and_clean_after_a_sigkilled_up(guest: Path, tmp_path: Path) -> Non
         up.kill()
     ps = vmrun("ps", str(manifest))
     assert ps.returncode == 1  # the stale socket is not trusted ...
+    assert "last run did not finish" in ps.stderr  # ... and the killed run is shown as such
     assert not (paths.dir / "control.sock").exists()  # ... but removed
     down = vmrun("down", str(manifest))
     assert down.returncode == 0 and "not running" in down.stderr

@@ -22,7 +22,9 @@ async-signal-safe work, right away, and leave everything else to the Python even
   stops reaping; the rest stay zombies (the kernel keeps their status, nothing is lost)
   until reap() collects them.
 * forwarded signals (SIGINT, SIGTERM, SIGHUP, ...): set a per-signal sig_atomic_t flag
-  and immediately kill(-pgid, sig) every registered driver process group.
+  and immediately kill(pid, sig) every registered driver process.  The driver itself,
+  not its process group: libvirt's short-lived forks in that group (before QEMU's setsid)
+  must not get the user's Ctrl-C; the driver decides what a stop means.
 * both then write one byte to a non-blocking wake-up fd (EAGAIN ignored: a full pipe
   already means "wake up") and restore errno.  The Python loop watches the other end of
   that fd, drains it and calls reap() / take_signals() to do the real work.
@@ -30,7 +32,7 @@ async-signal-safe work, right away, and leave everything else to the Python even
 No handler allocates, takes a lock, touches a Python object or needs the GIL; they are
 `noexcept nogil` cdef functions and call only waitpid, kill and write.  The Python-side
 functions that read or modify the state the handlers use (exit buffer, pending flags,
-process-group array) do so with those signals blocked by pthread_sigmask, so a handler
+process array) do so with those signals blocked by pthread_sigmask, so a handler
 never observes a half-updated structure; because all handlers block each other via
 sa_mask, they never interleave either.  This mutual exclusion relies on the signals being
 delivered to the thread that blocks them, i.e. on the supervisor being single-threaded
@@ -44,10 +46,10 @@ import os
 # State shared with the signal handlers: C statics, never Python objects.
 cdef enum:
     _EXIT_CAP = 4096     # (pid, status) records the SIGCHLD handler can buffer
-    _GROUP_CAP = 1024    # process groups forwarded signals are sent to
+    _GROUP_CAP = 1024    # processes forwarded signals are sent to
 
 EXIT_BUFFER_SIZE = _EXIT_CAP
-MAX_GROUPS = _GROUP_CAP
+MAX_PROCESSES = _GROUP_CAP
 
 cdef volatile int _wake_fd = -1
 cdef volatile sig_atomic_t _pending[NSIG]
@@ -104,7 +106,7 @@ cdef void _on_forward(int signum) noexcept nogil:
     if 0 < signum < NSIG:
         _pending[signum] = 1
     for i in range(_n_groups):
-        kill(-_groups[i], signum)
+        kill(_groups[i], signum)
     _wake()
     errno = saved_errno
 
@@ -211,7 +213,7 @@ def install(int wake_fd, forward):
     wake_fd: fd (normally the write end of a pipe) to which every handler run writes
     one byte; it is switched to O_NONBLOCK here.  forward: the signal numbers (e.g.
     SIGINT, SIGTERM, SIGHUP) that are recorded for take_signals() and immediately
-    sent to every registered process group.
+    sent to every registered process.
 
     Handlers use SA_RESTART (SIGCHLD also SA_NOCLDSTOP) and block each other while
     running.  Calling install() again replaces the wake fd and the forwarded set;
@@ -269,7 +271,7 @@ def install(int wake_fd, forward):
 def uninstall():
     """Restore the dispositions install() replaced and forget the wake fd.
 
-    Buffered exit statuses, pending signal flags and registered process groups are
+    Buffered exit statuses, pending signal flags and registered processes are
     kept: reap(), take_signals() and forward() still work (reap() then only finds
     what the kernel still holds as zombies plus what was buffered).  Raises OSError
     if a disposition cannot be restored (the others are restored regardless).
@@ -294,41 +296,41 @@ def uninstall():
         _raise_oserror(err)
 
 
-def register_group(pid_t pgid):
-    """Add process group pgid to the groups forwarded signals are sent to.
+def register_process(pid_t pid):
+    """Add process pid to the processes forwarded signals are sent to.
 
-    Registering a group twice has no further effect.  Raises ValueError if
-    pgid <= 1 (kill(-1) would signal every process) and OverflowError if
-    MAX_GROUPS groups are already registered.  Unregister a group once its leader
-    has been reaped, before the pgid can be reused.
+    Registering a process twice has no further effect.  Raises ValueError if
+    pid <= 1 (never signal init) and OverflowError if MAX_PROCESSES processes are
+    already registered.  Unregister a process once it has been reaped, before its pid
+    can be reused.
     """
     global _n_groups
     cdef sigset_t oldmask
     cdef int i
-    if pgid <= 1:
-        raise ValueError(f"invalid process group id: {pgid}")
+    if pid <= 1:
+        raise ValueError(f"invalid process id: {pid}")
     _block_handled(&oldmask)
     try:
         for i in range(_n_groups):
-            if _groups[i] == pgid:
+            if _groups[i] == pid:
                 return
         if _n_groups >= _GROUP_CAP:
-            raise OverflowError(f"more than {_GROUP_CAP} process groups registered")
-        _groups[_n_groups] = pgid
+            raise OverflowError(f"more than {_GROUP_CAP} processes registered")
+        _groups[_n_groups] = pid
         _n_groups += 1
     finally:
         _restore_mask(&oldmask)
 
 
-def unregister_group(pid_t pgid):
-    """Stop forwarding signals to process group pgid (no-op if not registered)."""
+def unregister_process(pid_t pid):
+    """Stop forwarding signals to process pid (no-op if not registered)."""
     global _n_groups
     cdef sigset_t oldmask
     cdef int i
     _block_handled(&oldmask)
     try:
         for i in range(_n_groups):
-            if _groups[i] == pgid:
+            if _groups[i] == pid:
                 _n_groups -= 1
                 _groups[i] = _groups[_n_groups]
                 break
@@ -337,7 +339,7 @@ def unregister_group(pid_t pgid):
 
 
 def forward(int signum):
-    """Send signum to every registered process group now; return how many kill()s succeeded.
+    """Send signum to every registered process now; return how many kill()s succeeded.
 
     Raises ValueError if signum is out of range (0 is allowed: an existence check).
     """
@@ -348,7 +350,7 @@ def forward(int signum):
         raise ValueError(f"signal number out of range: {signum}")
     _block_handled(&oldmask)
     for i in range(_n_groups):
-        if kill(-_groups[i], signum) == 0:
+        if kill(_groups[i], signum) == 0:
             ok += 1
     _restore_mask(&oldmask)
     return ok

@@ -203,6 +203,9 @@ def cmd_ps(args: argparse.Namespace) -> int:
     if state is None:
         last = operate.last_run(stack)
         print(f"stack {stack.name} is not running", file=sys.stderr)
+        if last and last.get("exit") is None:
+            print("vmrun: its last run did not finish (its vmrun up was killed); "
+                  f"`vmrun down {args.file}` removes what it left", file=sys.stderr)
         if last:
             rows: list[tuple[str, ...]] = [("VM", "STATE", "OUTCOME", "REASON")]
             rows += [(name, "stopped", vm.get("outcome") or "-", vm.get("reason") or "")

@@ -7,8 +7,11 @@ Why it is built this way:
   a zombie still counts as alive.  Exactly one place reaps: the SIGCHLD handler of
   `vmrun._fastsig` (waitpid(-1, WNOHANG) in C).  So drivers are started with
   os.posix_spawn, never subprocess.Popen, whose wait() would race that loop.
-* Ctrl-C, SIGTERM and SIGHUP are forwarded to every driver's process group by the C
-  handler itself, even while Python is busy; drivers turn them into an ACPI shutdown and
+* Drivers run in process groups of their own (the terminal's Ctrl-C reaches only us).
+  Ctrl-C, SIGTERM and SIGHUP are forwarded to every driver process by the C handler
+  itself, even while Python is busy, but not to the rest of a driver's group: libvirt's
+  forks there (before QEMU's setsid) must not die of it.  Drivers start with these
+  signals blocked until their handlers are in, then turn them into an ACPI shutdown and
   a destroy after stop_timeout.  The supervisor only notes the signal for its exit status.
 * It never imports libvirt.  Everything happens in one select() loop over the drivers'
   status pipes and the wake-up pipe the C handlers write to.
@@ -247,6 +250,9 @@ class Supervisor:
         env = dict(os.environ)
         env.pop("PYTHONSTARTUP", None)
         env["LIBVIRT_LOG_OUTPUTS"] = f"3:file:{paths.driver_log}"
+        # A stop signal between the spawn and the registration would reach the other
+        # drivers but not this one: hold such signals until it is registered.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
         try:
             pid = os.posix_spawn(
                 sys.executable,
@@ -264,10 +270,11 @@ class Supervisor:
                 # comes earlier stays pending instead of killing it.
                 setsigmask=FORWARDED,
             )
+            _fastsig.register_process(pid)
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.close(w2)
             os.close(cmd_r)
-        _fastsig.register_group(pid)
         child = Child(name=name, pid=pid, fd=r2, paths=paths, command_fd=cmd_w)
         self.children[pid] = child
         if pid in self.exits:  # it exited before we got here
@@ -464,6 +471,13 @@ class Supervisor:
         for vm in stack.vms:
             roots.install_caps(cache, vm_paths[vm.name])
 
+        # Until this run ends, last-run.json says it has not: a run that is killed leaves
+        # that behind rather than the previous run's outcomes.
+        started = RunResult(stack=stack.name, exit=0, vms=results, accel=accel).to_json()
+        started["exit"] = None
+        for vm in started["vms"].values():
+            vm["outcome"] = vm["reason"] = None
+        self.write_last_run(started)
         drivers = self.drivers
         self.start_forwarder()
         self.pending = [vm for vm in stack.vms]  # not started yet: waiting for dependencies
@@ -496,7 +510,7 @@ class Supervisor:
                 result.started = child.running_at
                 result.stopped = child.ended_at or time.time()
             self.kill_qemu(child)  # it should be gone: make sure
-            _fastsig.unregister_group(child.pid)
+            _fastsig.unregister_process(child.pid)
             child.close_commands()
 
         self.stop_forwarder()
@@ -516,10 +530,13 @@ class Supervisor:
             code = EXIT_FAILED
         run = RunResult(stack=stack.name, exit=code, vms=results, signal=self.signal,
                         accel=accel)
-        tmp = self.paths.last_run.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(run.to_json(), indent=2) + "\n")
-        tmp.replace(self.paths.last_run)
+        self.write_last_run(run.to_json())
         return run
+
+    def write_last_run(self, data: dict[str, Any]) -> None:
+        tmp = self.paths.last_run.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(self.paths.last_run)
 
     def start_forwarder(self) -> None:
         """Start the port forwarder with the listening sockets bound in prepare."""

@@ -60,6 +60,14 @@ def in_netns(name: str) -> list[str]:
     return ["nsenter", f"--net=/run/netns/{name}"]
 
 
+def vmrun(*args: str, netns: str | None = None,
+          timeout: float = 200) -> subprocess.CompletedProcess[str]:
+    """Run the vmrun command to its end (in the test's network namespace `netns`)."""
+    prefix = in_netns(netns) if netns else []
+    return subprocess.run([*prefix, sys.executable, "-m", "vmrun", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def toml_value(value: Any) -> str:
     if isinstance(value, str):
         return json.dumps(value)  # a JSON string is a valid TOML basic string

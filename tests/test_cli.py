@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
+from conftest import vmrun
 from vmrun import schema
-
-
-def vmrun(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vmrun", *args], capture_output=True,
-                          text=True, timeout=60)
 
 
 def test_schema_command_prints_the_generated_schema() -> None:

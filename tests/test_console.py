@@ -13,12 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cmdline, write_stack
-
-
-def vmrun(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vmrun", *args], capture_output=True,
-                          text=True, timeout=120)
+from conftest import cmdline, vmrun, write_stack
 
 
 class Terminal:

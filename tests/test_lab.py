@@ -20,16 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Up, cmdline, in_netns, last_run, stack_qemus, wait_until, write_stack
+from conftest import Up, cmdline, in_netns, last_run, stack_qemus, vmrun, wait_until, write_stack
 from vmrun import netns
 from vmrun.manifest import load as load_manifest
-
-
-def vmrun(*args: str, netns: str | None = None,
-          timeout: float = 200) -> subprocess.CompletedProcess[str]:
-    prefix = in_netns(netns) if netns else []
-    return subprocess.run([*prefix, sys.executable, "-m", "vmrun", *args],
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def sha256(path: Path) -> str:

@@ -13,14 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Up, cmdline, last_run, stack_qemus, wait_until, write_stack
+from conftest import Up, cmdline, last_run, stack_qemus, vmrun, wait_until, write_stack
 from vmrun import control
 from vmrun.layout import StackPaths
-
-
-def vmrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vmrun", *args], capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def stack_paths(manifest: Path, name: str = "t") -> StackPaths:

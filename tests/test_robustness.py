@@ -5,18 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import Up, cmdline, last_run, processes, stack_qemus, wait_until, write_stack
-
-
-def vmrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vmrun", *args], capture_output=True,
-                          text=True, timeout=timeout)
+from conftest import Up, cmdline, last_run, processes, stack_qemus, vmrun, wait_until, write_stack
 
 
 @pytest.mark.timeout(240)

@@ -113,12 +113,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_render(args: argparse.Namespace) -> int:
     stack = load(args)
-    vms = stack.vms
-    if args.vm is not None:
-        vms = tuple(vm for vm in stack.vms if vm.name == args.vm)
-        if not vms:
-            raise UsageError(f'{args.file}: no VM named "{args.vm}"',
-                             hint="VMs: " + ", ".join(vm.name for vm in stack.vms))
+    names = operate.check_vm_names(stack, [args.vm] if args.vm is not None else [])
+    vms = [stack.vm(name) for name in names]
     accel = host.choose_accel(stack.accel)
     paths = StackPaths(stack.state_dir)
     for vm in vms:

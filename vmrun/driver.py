@@ -35,9 +35,10 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
-from vmrun import _fastsig, console
+from vmrun import _fastsig, console, procs
 from vmrun.domain import PANIC_PATTERN
 
 STATUS_FD = 3
@@ -73,6 +74,7 @@ class Driver:
         self.spec = spec
         self.name: str = spec["name"]
         self.root: str = spec["root"]
+        self.pidfile = Path(self.root, "run", "qemu", f"{self.name}.pid")  # libvirt's
         self.status = Status(STATUS_FD)
         self.events: collections.deque[tuple[Any, ...]] = collections.deque()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -115,7 +117,7 @@ class Driver:
         os._exit(1)
 
     def kill_qemu(self) -> None:
-        pid = self.qemu_pid or read_pidfile(self.root, self.name)
+        pid = self.qemu_pid or procs.read_pid(self.pidfile)
         if pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -166,7 +168,7 @@ class Driver:
             conn = self.open()
             self.check_supervisor()
             self.dom = conn.createXML(self.spec["xml"], libvirt.VIR_DOMAIN_START_PAUSED)
-            self.qemu_pid = read_pidfile(self.root, self.name)
+            self.qemu_pid = procs.read_pid(self.pidfile)
             self.check_supervisor()
             if any(e[0] == "signal" for e in self.events):
                 # Asked to stop before the guest ran a single instruction.
@@ -356,14 +358,6 @@ class Driver:
     def finish(self, outcome: str, reason: str) -> None:
         self.status.send(ev="result", outcome=outcome, reason=reason,
                          started=self.started or None, stopped=time.time())
-
-
-def read_pidfile(root: str, name: str) -> int | None:
-    try:
-        with open(os.path.join(root, "run", "qemu", f"{name}.pid"), encoding="ascii") as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None
 
 
 def main(argv: list[str]) -> int:

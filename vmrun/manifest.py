@@ -90,17 +90,22 @@ class Stack:
     networks: dict[str, network.Network] = field(default_factory=dict)
 
     def line_of(self, *keypath: str) -> int | None:
-        while keypath:
-            if keypath in self.lines:
-                return self.lines[keypath]
-            keypath = keypath[:-1]
-        return None
+        return line_of(self.lines, keypath)
 
     def vm(self, name: str) -> VM:
         for vm in self.vms:
             if vm.name == name:
                 return vm
         raise KeyError(name)
+
+
+def line_of(lines: Mapping[tuple[str, ...], int], keypath: tuple[str, ...]) -> int | None:
+    """The line of `keypath`, or of the nearest enclosing table that has one."""
+    while keypath:
+        if keypath in lines:
+            return lines[keypath]
+        keypath = keypath[:-1]
+    return None
 
 
 # --- locating keys in the source --------------------------------------------------------
@@ -166,11 +171,7 @@ class _Collector:
         self.broken: set[tuple[str, ...]] = set()  # values already reported as broken
 
     def line_of(self, keypath: tuple[str, ...]) -> int | None:
-        while keypath:
-            if keypath in self.lines:
-                return self.lines[keypath]
-            keypath = keypath[:-1]
-        return None
+        return line_of(self.lines, keypath)
 
     def add(self, keypath: tuple[str, ...], message: str, **kw: Any) -> None:
         self.problems.append(

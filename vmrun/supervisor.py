@@ -287,7 +287,7 @@ class Supervisor:
         if self.control is not None:
             fds += [self.control.fileno(), *self.clients]
         with contextlib.suppress(InterruptedError):
-            ready, _, _ = select.select(fds, [], [], timeout)
+            select.select(fds, [], [], timeout)
         with contextlib.suppress(BlockingIOError):
             while os.read(self.wake_r, 4096):
                 pass

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vmrun import manifest
-from vmrun.errors import ManifestError
+from vmrun.errors import ManifestError, UsageError
 
 
 @pytest.fixture
@@ -183,3 +183,98 @@ def test_docs_name_every_key() -> None:
     docs = (Path(__file__).parent.parent / "docs" / "manifest.md").read_text()
     for setting in (*manifest.STACK_SETTINGS, *manifest.VM_SETTINGS):
         assert f"`{setting.key}`" in docs, setting.key
+
+
+# --- load_identity and find_manifest ------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted(REPO.glob("examples/*/stack.toml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.parent.name)
+def test_identity_agrees_with_load_on_the_examples(path: Path) -> None:
+    stack = manifest.load(path)
+    identity = manifest.load_identity(path)
+    assert identity == stack.identity
+    assert (identity.path, identity.name, identity.state_dir) == \
+        (stack.path, stack.name, stack.state_dir)
+    assert identity.vm_names == tuple(vm.name for vm in stack.vms)
+    other = manifest.load_identity(path, state_dir="/tmp/elsewhere")
+    assert other.state_dir == manifest.load(path, state_dir="/tmp/elsewhere").state_dir
+
+
+def test_there_are_examples() -> None:
+    assert len(EXAMPLES) >= 3
+
+
+COUNTED = '''name = "lab"
+state_dir = "${STATE:-state}"
+[defaults]
+kernel = "vmlinuz"
+count = 2
+[vm.web]
+[vm.db]
+count = 1
+[vm.solo]
+count = 3
+memory = "${MEM:-128M}"
+'''
+
+
+def test_identity_when_the_manifest_no_longer_validates(files: Path) -> None:
+    path = write(files, COUNTED)
+    stack = manifest.load(path)
+    names = ("web-1", "web-2", "db-1", "solo-1", "solo-2", "solo-3")
+    assert tuple(vm.name for vm in stack.vms) == names
+    (files / "vmlinuz").unlink()  # the kernel was deleted
+    assert any("existing file" in p for p in problems(path))
+    identity = manifest.load_identity(path)
+    assert identity == manifest.Identity(path.resolve(), "lab", files / "state" / "lab", names)
+    assert identity.paths.dir == files / "state" / "lab"
+    # and with bad values elsewhere: a missing image, an unknown key, an unset variable
+    path.write_text(COUNTED.replace('memory = "${MEM:-128M}"', 'memory = "${MEM}"')
+                    + 'disks = [{ image = "gone.qcow2" }]\ncolour = "red"\n[network.Bad]\n')
+    assert manifest.load_identity(path) == identity
+
+
+@pytest.mark.parametrize(("text", "line", "fragment"), [
+    ('name = "lab"\n[vm.a]\nkernel = \n', 3, "TOML syntax error"),
+    ('name = "Lab"\n[vm.a]\n', 1, "lower-case"),
+    ('name = "${NO_SUCH_VARIABLE_HERE}"\n[vm.a]\n', 1, "NO_SUCH_VARIABLE_HERE"),
+    ('state_dir = 5\n[vm.a]\n', 1, "a string"),
+    ('[vm.Alpha]\n', 1, "invalid VM name"),
+    ('[vm.a]\ncount = 0\n', 2, "copies from 1 to 64"),
+    ('[defaults]\ncount = "two"\n[vm.a]\n', 2, "copies from 1 to 64"),
+    ('[vm.abcdefghijklmnopqr]\ncount = 10\n', 2, "too long"),
+])
+def test_identity_errors_name_the_file_and_line(files: Path, text: str, line: int,
+                                                fragment: str) -> None:
+    path = write(files, text)
+    with pytest.raises(ManifestError) as info:
+        manifest.load_identity(path)
+    (problem,) = info.value.problems
+    assert str(problem).startswith(f"{path}:{line}: "), str(problem)
+    assert fragment in str(problem)
+
+
+def test_identity_name_from_the_file_name(files: Path) -> None:
+    identity = manifest.load_identity(write(files, "[vm.a]\n", "my-lab.toml"))
+    assert (identity.name, identity.vm_names) == ("my-lab", ("a",))
+    with pytest.raises(ManifestError) as info:
+        manifest.load_identity(write(files, "[vm.a]\n", "My Lab.toml"))
+    assert "the stack has no valid name" in str(info.value)
+
+
+def test_identity_of_a_missing_manifest(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="no such manifest file"):
+        manifest.load_identity(tmp_path / "nope.toml")
+
+
+def test_find_manifest(tmp_path: Path) -> None:
+    with pytest.raises(UsageError) as info:
+        manifest.find_manifest(tmp_path)
+    assert f"no stack.toml or vmrun.toml in {tmp_path}" in str(info.value)
+    (tmp_path / "vmrun.toml").write_text("")
+    assert manifest.find_manifest(tmp_path) == tmp_path / "vmrun.toml"
+    (tmp_path / "stack.toml").write_text("")
+    assert manifest.find_manifest(tmp_path) == tmp_path / "stack.toml"

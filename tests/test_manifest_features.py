@@ -222,8 +222,9 @@ cloud_init = { userdata = "x" }
 forward = ["80:80", "bad"]
 ''')
     assert len(found) == 3, found
-    assert "s.toml:3: vm.a.disks: invalid value in disks[2]:" in found[0]
+    # entries are numbered from 0, like the disk files (disk-0.qcow2) and TOML arrays
+    assert "s.toml:3: vm.a.disks: invalid value in disks[1]:" in found[0]
     assert 'found the unknown key "imgae"' in found[0] and 'did you mean "image"' in found[0]
     assert "s.toml:4: vm.a.cloud_init:" in found[1] and 'did you mean "user_data"' in found[1]
-    assert "s.toml:5: vm.a.forward: invalid value in forward[2]:" in found[2]
+    assert "s.toml:5: vm.a.forward: invalid value in forward[1]:" in found[2]
     assert 'found the string "bad"' in found[2]

@@ -7,6 +7,7 @@ found, and how to fix it where a hint helps.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,30 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_HOST = 3
+
+
+# What a terminal could take for a command, or that would break a message's line: C0 and
+# C1 controls (ESC, CSI), DEL, lone surrogates, line and paragraph separators, bidi controls.
+_UNPRINTABLE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff"
+    "\ufeff\ufffe\uffff]")
+_SHORT = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def printable(text: str, keep: str = "") -> str:
+    r"""`text` with control characters escaped as repr() does (`\x1b`, `\n`, `\u202e`),
+    except those in `keep`: input echoed in a message never drives the user's terminal."""
+
+    def escape(match: re.Match[str]) -> str:
+        char = match.group()
+        if char in keep:
+            return char
+        if char in _SHORT:
+            return _SHORT[char]
+        code = ord(char)
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+    return _UNPRINTABLE.sub(escape, text)
 
 
 @dataclass
@@ -30,22 +55,23 @@ class Problem:
     hint: str | None = None
 
     def __str__(self) -> str:
+        """One line (and a hint line): every part may echo input, so each is escaped."""
         where = ""
         if self.file is not None:
-            where = str(self.file)
+            where = printable(str(self.file))
             if self.line is not None:
                 where += f":{self.line}"
             where += ": "
-        key = f"{self.key}: " if self.key else ""
-        text = f"{where}{key}{self.message}"
+        key = f"{printable(self.key)}: " if self.key else ""
+        text = f"{where}{key}{printable(self.message)}"
         if self.expected is not None:
-            text += f": expected {self.expected}"
+            text += f": expected {printable(self.expected)}"
             if self.found is not None:
-                text += f", found {self.found}"
+                text += f", found {printable(self.found)}"
         elif self.found is not None:
-            text += f" (found {self.found})"
+            text += f" (found {printable(self.found)})"
         if self.hint:
-            text += f"\n  hint: {self.hint}"
+            text += f"\n  hint: {printable(self.hint)}"
         return text
 
 
@@ -60,9 +86,10 @@ class VmrunError(Exception):
         self.hint = hint
 
     def lines(self) -> list[str]:
-        text = self.message
+        """The message for the user, with control characters from input escaped."""
+        text = printable(self.message, keep="\n\t")
         if self.hint:
-            text += f"\n  hint: {self.hint}"
+            text += f"\n  hint: {printable(self.hint, keep=chr(10))}"
         return [text]
 
 

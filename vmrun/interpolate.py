@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from vmrun.settings import read_regular
+
 _TOKEN = re.compile(r"\$(?:(\$)|\{([^}]*)\}|(\{[^}]*$))")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -23,24 +25,32 @@ class InterpolationError(Exception):
         self.variable = variable
 
 
+ENV_FILE_MAX = 1 << 20  # bytes
+
+
 def read_env_file(path: Path) -> tuple[dict[str, str], list[tuple[int, str]]]:
-    """KEY=VALUE lines (optional `export `, quotes, `#` comments); returns (values, errors)."""
+    """KEY=VALUE lines (optional `export `, quotes, `#` comments); returns (values, errors).
+
+    A missing file is empty.  Only a regular file of at most ENV_FILE_MAX bytes is read:
+    anything else raises settings.Unreadable, and text that is not UTF-8 raises
+    UnicodeDecodeError, for the caller to report.
+    """
     values: dict[str, str] = {}
     errors: list[tuple[int, str]] = []
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = read_regular(path, ENV_FILE_MAX)
     except FileNotFoundError:
         return values, errors
-    # Other OSErrors (a directory, no permission) and UnicodeDecodeError go to the caller.
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
+    text = raw.decode("utf-8")
+    for number, entry in enumerate(text.split("\n"), start=1):
+        line = entry.strip()
         if not line or line.startswith("#"):
             continue
         line = line.removeprefix("export ").lstrip()
         key, sep, value = line.partition("=")
         key = key.strip()
         if not sep or not _NAME.match(key):
-            errors.append((number, raw))
+            errors.append((number, entry.rstrip("\r")))
             continue
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":

@@ -55,6 +55,7 @@ def manifest_schema() -> dict[str, Any]:
         "type": "object",
         "description": manifest.STACK_TABLES["vm"],
         "minProperties": 1,
+        "maxProperties": manifest.MAX_VMS,
         "propertyNames": {"pattern": manifest.json_pattern(manifest.NAME_RE),
                           "maxLength": manifest.VM_NAME_MAX},
         "patternProperties": {vm_name_pattern(): {"$ref": "#/$defs/vm"}},
@@ -63,6 +64,7 @@ def manifest_schema() -> dict[str, Any]:
     top["properties"]["network"] = {
         "type": "object",
         "description": manifest.STACK_TABLES["network"],
+        "maxProperties": manifest.MAX_NETWORKS,
         "propertyNames": {"pattern": manifest.json_pattern(manifest.NAME_RE),
                           "maxLength": manifest.NETWORK_NAME_MAX},
         "additionalProperties": {

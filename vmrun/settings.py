@@ -9,10 +9,14 @@ key).  A converter takes the TOML value and returns the checked, typed value, or
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import math
 import os
 import re
-from collections.abc import Callable, Mapping
+import stat
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,8 @@ MAX_CPUS = 64
 MAX_SECONDS = 7 * 24 * 3600
 MAX_COUNT = 64
 MAX_DISKS = 16
+MAX_VMS = 1024  # in a stack, copies (count) included
+MAX_NETWORKS = 256  # in a stack: the /24s of the default 10.77.0.0/16
 
 
 class Invalid(Exception):
@@ -77,11 +83,19 @@ def did_you_mean(key: str, known: list[str]) -> str | None:
     return f'did you mean "{close[0]}"?' if close else None
 
 
+DESCRIBE_MAX = 80  # characters of a string quoted in an error message
+
+
 def describe(value: Any) -> str:
     if isinstance(value, bool):
         return f"the boolean {str(value).lower()}"
     if isinstance(value, str):
+        if len(value) > DESCRIBE_MAX:
+            return f'the string "{value[:DESCRIBE_MAX - 20]}..." ({len(value)} characters)'
         return f'the string "{value}"'
+    if isinstance(value, int) and value.bit_length() > 64:  # str() refuses > 4300 digits
+        sign = "-" if value < 0 else ""
+        return f"a number of about {sign}10^{int(value.bit_length() * math.log10(2))}"
     if isinstance(value, int | float):
         return f"the number {value}"
     if isinstance(value, dict):
@@ -130,24 +144,35 @@ def _cpus(value: Any, ctx: Context) -> int:
 
 _SIZE_RE = re.compile(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*\Z", re.IGNORECASE | re.ASCII)
 _SIZE_FACTOR = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024, "": 1}
+_SIZE_DIGITS_MAX = 30  # more digits than any size needs: the value counts as infinite
 
 
 def parse_size_mib(value: Any) -> float:
-    """A size as MiB: an integer is MiB, a string takes a K, M, G or T suffix."""
+    """A size as MiB: an integer is MiB, a string takes a K, M, G or T suffix.
+
+    A size too large for a float is +inf (-inf for a huge negative integer), so that
+    callers' range checks reject it.
+    """
     if isinstance(value, bool):
         raise Invalid('an integer number of MiB or a string like "256M" or "2G"')
     if isinstance(value, int):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            return math.inf if value > 0 else -math.inf
     if isinstance(value, str):
         match = _SIZE_RE.match(value)
         if match:
-            return int(match.group(1)) * _SIZE_FACTOR[match.group(2).upper()]
+            digits = match.group(1).lstrip("0") or "0"
+            if len(digits) > _SIZE_DIGITS_MAX:
+                return math.inf
+            return int(digits) * float(_SIZE_FACTOR[match.group(2).upper()])
     raise Invalid('an integer number of MiB or a string like "256M" or "2G"')
 
 
 def _memory(value: Any, ctx: Context) -> int:
     mib = parse_size_mib(value)
-    if mib != int(mib) or mib < MIN_MEMORY_MIB:
+    if (math.isfinite(mib) and not mib.is_integer()) or mib < MIN_MEMORY_MIB:
         raise Invalid(f"a whole number of MiB, at least {MIN_MEMORY_MIB}M")
     if mib > ctx.host_memory_mib:
         raise Invalid(
@@ -157,35 +182,137 @@ def _memory(value: Any, ctx: Context) -> int:
     return int(mib)
 
 
+def resolve(path: Path) -> Path:
+    """`path.resolve()`, raising Invalid where pathlib raises (a symbolic link loop, a NUL)."""
+    try:
+        return path.resolve()
+    except RuntimeError:
+        raise Invalid(f"a path without a symbolic link loop ({path} has one)") from None
+    except (OSError, ValueError) as exc:
+        raise Invalid(f"a usable path ({exc})") from None
+
+
 def _file(value: Any, ctx: Context) -> Path:
     if not isinstance(value, str) or not value:
         raise Invalid("a file path (relative to the manifest's directory)")
-    path = (ctx.base_dir / os.path.expanduser(value)).resolve()
-    if not utf8(str(path)):
-        raise Invalid("a path that is valid UTF-8 (libvirt's XML needs it)")
-    if not path.exists():
-        raise Invalid(f"an existing file (looked for {path})")
-    if not path.is_file():
+    try:
+        expanded = os.path.expanduser(value)
+    except ValueError:  # "~user" with a NUL
+        raise Invalid("a file path without NUL characters") from None
+    path = resolve(ctx.base_dir / expanded)
+    if xml_unsafe(str(path)) is not None:
+        raise Invalid("a path libvirt's XML can hold: valid UTF-8, without control characters",
+                      found=describe(str(path)))
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise Invalid(f"an existing file (looked for {path})") from None
+    except OSError as exc:
+        raise Invalid(f"an existing file ({path}: {exc.strerror})") from None
+    if not stat.S_ISREG(mode):
         raise Invalid(f"a regular file ({path} is not one)")
     if not os.access(path, os.R_OK):
         raise Invalid(f"a readable file ({path} cannot be read)")
     return path
 
 
-def utf8(text: str) -> bool:
+# XML 1.0 characters: tab, newline, carriage return, and the rest of Unicode except the
+# C0 controls, lone surrogates (undecodable bytes of a file name or of the environment),
+# U+FFFE and U+FFFF.  lxml refuses any other character in text or attributes.
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def xml_unsafe(text: str) -> str | None:
+    """The first character of `text` that XML 1.0 cannot hold, or None."""
+    match = _NOT_XML.search(text)
+    return match.group() if match else None
+
+
+XML_TEXT = ("text libvirt's XML can hold: valid UTF-8, and no control characters other than "
+            "tab, newline and carriage return")
+
+
+def check_xml_text(value: Any) -> None:
+    """Raise Invalid (saying where) if a string in `value` cannot go into XML."""
+    pending: list[tuple[str, Any]] = [("", value)]
+    while pending:
+        where, item = pending.pop()
+        if isinstance(item, str):
+            if xml_unsafe(item) is not None:
+                raise Invalid(XML_TEXT, found=describe(item), where=where)
+        elif isinstance(item, dict):
+            for key, sub in reversed(item.items()):
+                if xml_unsafe(key) is not None:
+                    raise Invalid(XML_TEXT, found=f'the key "{key}"', where=where)
+                pending.append((f"{where}.{key}", sub))
+        elif isinstance(item, list):
+            pending.extend((f"{where}[{i}]", sub) for i, sub in reversed(list(enumerate(item))))
+
+
+# --- reading files: regular files only, bounded -----------------------------------------
+
+class Unreadable(Exception):
+    """A file vmrun will not read (not a regular file, too large) or cannot read."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@contextlib.contextmanager
+def open_regular(path: Path) -> Iterator[int]:
+    """A file descriptor of the regular file `path`.
+
+    Raises FileNotFoundError when it does not exist and Unreadable for anything else that
+    is wrong.  Devices are never opened (opening some has effects), and a FIFO swapped in
+    after the check does not block (O_NONBLOCK) and is refused by fstat.
+    """
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # undecodable bytes of a file name (surrogate escapes)
-        return False
-    return True
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise Unreadable("not a regular file")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise Unreadable(exc.strerror or str(exc)) from None
+    except ValueError:  # a NUL in the path
+        raise Unreadable("the path contains a NUL character") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise Unreadable("not a regular file")
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """The contents of the regular file `path`, refused when larger than `limit` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    with open_regular(path) as fd:
+        while True:
+            try:
+                chunk = os.read(fd, min(1 << 16, limit + 1 - size))
+            except OSError as exc:  # EIO from /proc/self/mem, EISDIR, ...
+                raise Unreadable(exc.strerror or str(exc)) from None
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise Unreadable(f"larger than {limit // 1024} KiB")
 
 
 def _regex(value: Any, ctx: Context) -> str:
     if not isinstance(value, str) or not value:
         raise Invalid("a non-empty regular expression (Python syntax)")
     try:
-        re.compile(value)
+        with warnings.catch_warnings():  # "Possible nested set" and the like: not errors
+            warnings.simplefilter("ignore")
+            re.compile(value)
     except re.error as exc:
+        raise Invalid(f"a valid regular expression ({exc})") from None
+    except (OverflowError, RecursionError, ValueError) as exc:  # a{99999999999}, ((((...
         raise Invalid(f"a valid regular expression ({exc})") from None
     return value
 
@@ -202,6 +329,8 @@ DEPENDENCY_CONDITIONS = ("ready", "ok")
 def _depends_on(value: Any, ctx: Context) -> tuple[tuple[str, str], ...]:
     expected = ('an array of VM names, or a table of VM name = "ready" or "ok" '
                 '(e.g. depends_on = { db = "ok" })')
+    if isinstance(value, list | dict) and len(value) > MAX_VMS:
+        raise Invalid(f"at most {MAX_VMS} VM names")
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return tuple((v, "ready") for v in value)
     if isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
@@ -232,8 +361,15 @@ class Disk:
 
 def image_format(path: Path) -> str:
     """"qcow2" or "raw" from the image's first bytes; another known format is refused."""
-    with open(path, "rb") as f:
-        head = f.read(16)
+    try:
+        with open_regular(path) as fd:
+            head = os.read(fd, 16)
+    except FileNotFoundError:
+        raise Invalid(f"an existing file (looked for {path})") from None
+    except Unreadable as exc:
+        raise Invalid(f"a readable image ({path}: {exc.reason})") from None
+    except OSError as exc:  # EIO from /proc/self/mem
+        raise Invalid(f"a readable image ({path}: {exc.strerror})") from None
     if head.startswith(b"QFI\xfb"):
         return "qcow2"
     for magic, name in _FOREIGN_MAGIC.items():
@@ -258,7 +394,7 @@ def _disk(value: Any, ctx: Context) -> Disk:
         raise Invalid(expected + " (readonly is a boolean, for an image)")
     if "size" in value:
         size = parse_size_mib(value["size"])
-        if size != int(size) or not MIN_DISK_MIB <= size <= MAX_DISK_MIB:
+        if not MIN_DISK_MIB <= size <= MAX_DISK_MIB or not size.is_integer():
             raise Invalid(f"a disk size from {MIN_DISK_MIB}M to 64T, in whole MiB")
         return Disk(image=None, format="qcow2", size_mib=int(size), readonly=False)
     image = _file(value["image"], ctx)
@@ -277,7 +413,7 @@ def _disks(value: Any, ctx: Context) -> tuple[Disk, ...]:
     if len(value) > MAX_DISKS:
         raise Invalid(f"at most {MAX_DISKS} disks")
     disks = []
-    for number, entry in enumerate(value, start=1):
+    for number, entry in enumerate(value):  # 0-based, like the files: disk-0.qcow2
         try:
             disks.append(_disk(entry, ctx))
         except Invalid as exc:
@@ -326,6 +462,8 @@ def _network_names(value: Any, ctx: Context) -> tuple[str, ...]:
         raise Invalid('an array of network names, e.g. ["lan"]')
     if len(set(value)) != len(value):
         raise Invalid("each network once")
+    if len(value) > MAX_NETWORKS:
+        raise Invalid(f"at most {MAX_NETWORKS} networks")
     return tuple(value)
 
 
@@ -334,7 +472,7 @@ def _forwards(value: Any, ctx: Context) -> tuple[network.Forward, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise Invalid(expected)
     forwards = []
-    for number, text in enumerate(value, start=1):
+    for number, text in enumerate(value):
         try:
             forwards.append(network.parse_forward(text))
         except ValueError as exc:
@@ -352,6 +490,8 @@ def _xml_devices(value: Any, ctx: Context) -> str:
         etree.fromstring(f"<devices>{value}</devices>")
     except etree.XMLSyntaxError as exc:
         raise Invalid(f"well-formed XML elements ({exc.msg})") from None
+    except ValueError as exc:  # lxml refuses some strings outright
+        raise Invalid(f"well-formed XML elements ({exc})") from None
     return value
 
 
@@ -434,8 +574,8 @@ VM_SETTINGS: tuple[Setting, ...] = (
             '`{ db = "ok" }` until db has stopped with outcome ok. A VM whose dependency '
             "failed is never started (outcome failed).",
             schema={"anyOf": [
-                {"type": "array", "items": {"type": "string"}},
-                {"type": "object",
+                {"type": "array", "items": {"type": "string"}, "maxItems": MAX_VMS},
+                {"type": "object", "maxProperties": MAX_VMS,
                  "additionalProperties": {"enum": list(DEPENDENCY_CONDITIONS)}},
             ]}),
     Setting("disks", "array of tables", (), _disks,
@@ -462,7 +602,8 @@ VM_SETTINGS: tuple[Setting, ...] = (
             "Private networks (`[network.NAME]`) the VM is attached to, as virtio NICs "
             "in this order; each gives it a fixed address and MAC (placeholders "
             "`{net.NAME.ip}` etc. in cmdline).",
-            schema={"type": "array", "items": {"type": "string"}, "uniqueItems": True}),
+            schema={"type": "array", "items": {"type": "string"}, "uniqueItems": True,
+                    "maxItems": MAX_NETWORKS}),
     Setting("forward", "array", (), _forwards,
             'Host TCP ports forwarded to the VM\'s first network address: "8080:80" '
             '(host 127.0.0.1:8080 to guest port 80) or "ADDRESS:HOSTPORT:GUESTPORT".',

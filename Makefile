@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 GUEST  := build/guest
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: all setup host venv guest demo test lint unit bench clean
+.PHONY: all setup host venv guest demo test lint unit bench fuzz clean
 
 all: setup
 
@@ -45,6 +45,10 @@ lint: venv
 
 test: setup lint
 	$(BIN)/pytest -ra
+
+# The manifest fuzz test, longer than in `make test` (VMRUN_FUZZ_SEED=N to vary it).
+fuzz: venv
+	VMRUN_FUZZ_COUNT=100000 $(BIN)/pytest -q -s tests/test_fuzz.py
 
 bench: setup
 	$(BIN)/python bench/bench.py

@@ -180,6 +180,12 @@ def stack_qemus(manifest: Path, vms: list[str], name: str = "t") -> dict[str, in
             for vm, root in roots.items() if root in cmd}
 
 
+def stack_roots(manifest: Path, vms: list[str], name: str = "t") -> list[Path]:
+    """The embedded roots of the given VMs of a stack."""
+    paths = StackPaths(manifest.parent / ".vmrun" / name)
+    return [paths.vm(vm).root for vm in vms]
+
+
 def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> float:
     """Poll a condition the kernel gives no event for; return the seconds it took."""
     start = time.monotonic()
@@ -192,7 +198,7 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> float:
 
 def driver_pid(vm: str, manifest: Path) -> int:
     """The pid of the driver process of `vm` in the stack of `manifest`."""
-    wanted = [b"vmrun.driver", f'"name": "{vm}"'.encode(), os.fsencode(str(manifest.parent))]
+    wanted = [b"vmrun.proc.driver", f'"name": "{vm}"'.encode(), os.fsencode(str(manifest.parent))]
     pids = [pid for pid, cmd in processes() if all(w in cmd for w in wanted)]
     assert len(pids) == 1, pids
     return pids[0]

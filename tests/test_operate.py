@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Up, cmdline, last_run, stack_qemus, vmrun, wait_until, write_stack
-from vmrun import control
+from vmrun import client
 from vmrun.layout import StackPaths
 
 
@@ -119,7 +119,7 @@ def test_down_and_clean_after_a_sigkilled_up(guest: Path, tmp_path: Path) -> Non
         up.proc.kill()
         wait_until(lambda: not stack_qemus(manifest, ["one"]), timeout=5)
         # leave a stale control socket behind, as a crash would
-        wait_until(lambda: control.lock_holder(paths) is None, timeout=10)
+        wait_until(lambda: client.lock_holder(paths) is None, timeout=10)
         assert (paths.dir / "control.sock").exists()
     finally:
         up.kill()
@@ -159,3 +159,48 @@ def test_verbs_on_a_stack_that_never_ran(tmp_path: Path, guest: Path) -> None:
     assert vmrun("logs", str(manifest)).returncode == 0
     assert vmrun("clean", str(manifest)).returncode == 0
     assert vmrun("up", "--wait", str(manifest)).returncode == 2
+
+
+@pytest.mark.timeout(240)
+def test_down_stops_a_stack_whose_manifest_no_longer_validates(guest: Path,
+                                                               tmp_path: Path) -> None:
+    # The manifest is ./stack.toml: the verbs find it without being told.
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes((guest / "vmlinuz").read_bytes())
+    manifest = write_stack(tmp_path, guest, {
+        "box": {"cmdline": cmdline(say="box up", action="hang"), "kernel": str(kernel),
+                "ready": "box up"},
+    }, name="stack")
+
+    def here(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "vmrun", *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=200)
+
+    try:
+        up = here("up", "-d", "--wait")
+        assert up.returncode == 0, up.stderr
+        assert "using stack.toml" in up.stderr
+        kernel.unlink()
+        broken = here("check")
+        assert broken.returncode == 2 and "vmlinuz" in broken.stderr, broken.stderr
+        ps = here("ps", "--json")
+        assert ps.returncode == 0, ps.stderr
+        assert json.loads(ps.stdout)["vms"]["box"]["state"] == "ready"
+        assert "box | box up" in here("logs", "box").stdout
+        down = here("down")
+        assert down.returncode == 0, down.stderr
+        assert "stopped" in down.stderr
+        assert not stack_qemus(manifest, ["box"], name="stack")
+    finally:
+        here("down", "--timeout", "0")
+    vms = last_run(manifest, "stack")["vms"]
+    assert (vms["box"]["outcome"], vms["box"]["reason"]) == ("stopped", "stopped by vmrun down")
+    assert here("clean").returncode == 0
+    assert not (tmp_path / ".vmrun" / "stack").exists()
+
+
+def test_verbs_without_a_manifest_here(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "vmrun", "ps"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "no stack.toml or vmrun.toml" in out.stderr and "Traceback" not in out.stderr

@@ -42,7 +42,7 @@ def test_ctrl_c_before_the_drivers_are_ready_is_stopped_not_failed(guest: Path,
     up = Up(manifest, "--quiet")
     try:
         # as soon as the drivers exist, long before their guests boot
-        wait_until(lambda: any(b"vmrun.driver" in cmd and os.fsencode(str(tmp_path)) in cmd
+        wait_until(lambda: any(b"vmrun.proc.driver" in cmd and os.fsencode(str(tmp_path)) in cmd
                                for _, cmd in processes()), timeout=60, interval=0.005)
         up.proc.send_signal(signal.SIGINT)
         assert up.wait(60) == 130, up.stderr

@@ -46,18 +46,18 @@ import os
 # State shared with the signal handlers: C statics, never Python objects.
 cdef enum:
     _EXIT_CAP = 4096     # (pid, status) records the SIGCHLD handler can buffer
-    _GROUP_CAP = 1024    # processes forwarded signals are sent to
+    _PROC_CAP = 1024    # processes forwarded signals are sent to
 
 EXIT_BUFFER_SIZE = _EXIT_CAP
-MAX_PROCESSES = _GROUP_CAP
+MAX_PROCESSES = _PROC_CAP
 
 cdef volatile int _wake_fd = -1
 cdef volatile sig_atomic_t _pending[NSIG]
 cdef pid_t _exit_pid[_EXIT_CAP]
 cdef int _exit_status[_EXIT_CAP]
 cdef volatile int _exit_len = 0
-cdef pid_t _groups[_GROUP_CAP]
-cdef volatile int _n_groups = 0
+cdef pid_t _procs[_PROC_CAP]
+cdef volatile int _n_procs = 0
 
 # Bookkeeping used only from Python (with the GIL); the handlers never read it.
 cdef bint _took[NSIG]            # we replaced this signal's disposition ...
@@ -105,8 +105,8 @@ cdef void _on_forward(int signum) noexcept nogil:
     cdef int i
     if 0 < signum < NSIG:
         _pending[signum] = 1
-    for i in range(_n_groups):
-        kill(_groups[i], signum)
+    for i in range(_n_procs):
+        kill(_procs[i], signum)
     _wake()
     errno = saved_errno
 
@@ -304,35 +304,35 @@ def register_process(pid_t pid):
     already registered.  Unregister a process once it has been reaped, before its pid
     can be reused.
     """
-    global _n_groups
+    global _n_procs
     cdef sigset_t oldmask
     cdef int i
     if pid <= 1:
         raise ValueError(f"invalid process id: {pid}")
     _block_handled(&oldmask)
     try:
-        for i in range(_n_groups):
-            if _groups[i] == pid:
+        for i in range(_n_procs):
+            if _procs[i] == pid:
                 return
-        if _n_groups >= _GROUP_CAP:
-            raise OverflowError(f"more than {_GROUP_CAP} processes registered")
-        _groups[_n_groups] = pid
-        _n_groups += 1
+        if _n_procs >= _PROC_CAP:
+            raise OverflowError(f"more than {_PROC_CAP} processes registered")
+        _procs[_n_procs] = pid
+        _n_procs += 1
     finally:
         _restore_mask(&oldmask)
 
 
 def unregister_process(pid_t pid):
     """Stop forwarding signals to process pid (no-op if not registered)."""
-    global _n_groups
+    global _n_procs
     cdef sigset_t oldmask
     cdef int i
     _block_handled(&oldmask)
     try:
-        for i in range(_n_groups):
-            if _groups[i] == pid:
-                _n_groups -= 1
-                _groups[i] = _groups[_n_groups]
+        for i in range(_n_procs):
+            if _procs[i] == pid:
+                _n_procs -= 1
+                _procs[i] = _procs[_n_procs]
                 break
     finally:
         _restore_mask(&oldmask)
@@ -349,8 +349,8 @@ def forward(int signum):
     if signum < 0 or signum >= NSIG:
         raise ValueError(f"signal number out of range: {signum}")
     _block_handled(&oldmask)
-    for i in range(_n_groups):
-        if kill(_groups[i], signum) == 0:
+    for i in range(_n_procs):
+        if kill(_procs[i], signum) == 0:
             ok += 1
     _restore_mask(&oldmask)
     return ok

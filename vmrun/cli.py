@@ -12,8 +12,8 @@ from typing import Any
 
 from vmrun import (
     __version__,
+    client,
     console,
-    control,
     detach,
     disks,
     doctor,
@@ -24,8 +24,8 @@ from vmrun import (
     schema,
     view,
 )
+from vmrun import protocol as p
 from vmrun.errors import EXIT_USAGE, UsageError, VmrunError
-from vmrun.layout import StackPaths
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,15 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vmrun {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    file_help = f"the stack's manifest (default: {' or '.join(manifest.MANIFEST_NAMES)} here)"
     check = sub.add_parser("check", help="validate a manifest (exit 0 or 2)")
-    check.add_argument("file")
+    check.add_argument("file", nargs="?", help=file_help)
 
     render = sub.add_parser("render", help="print the domain XML vmrun would start")
-    render.add_argument("file")
-    render.add_argument("vm", nargs="?", help="only this VM")
+    render.add_argument("words", nargs="*", metavar="[FILE] [VM]",
+                        help=file_help + "; then only this VM")
 
     up = sub.add_parser("up", help="start every VM, stream consoles, wait until all stopped")
-    up.add_argument("file")
+    up.add_argument("file", nargs="?", help=file_help)
     up.add_argument("--state-dir", metavar="DIR",
                     help="keep state in DIR/<name>/ instead of the manifest's state_dir")
     up.add_argument("-q", "--quiet", action="store_true",
@@ -63,9 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--wait", action="store_true",
                     help="with --detach: return once every VM is ready (see `ready`)")
 
-    def stack_verb(name: str, help: str) -> argparse.ArgumentParser:
+    def stack_verb(name: str, help: str, vms: str = "") -> argparse.ArgumentParser:
         verb: argparse.ArgumentParser = sub.add_parser(name, help=help)
-        verb.add_argument("file", help="the stack's manifest")
+        if vms:
+            verb.add_argument("words", nargs=vms, metavar="[FILE] VM",
+                              help=file_help + "; then the VM name(s)")
+        else:
+            verb.add_argument("file", nargs="?", help=file_help)
         verb.add_argument("--state-dir", metavar="DIR",
                           help="the state directory the stack was started with")
         return verb
@@ -77,14 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("--timeout", type=float, metavar="S",
                       help="seconds each guest gets to shut down (default: stop_timeout)")
 
-    logs = stack_verb("logs", "print the VMs' console output")
-    logs.add_argument("vms", nargs="*", metavar="VM", help="only these VMs")
+    logs = stack_verb("logs", "print the VMs' console output", vms="*")
     logs.add_argument("-f", "--follow", action="store_true",
                       help="keep printing new output until the stack stops")
     logs.add_argument("--tail", type=int, metavar="N", help="only the last N lines of each VM")
 
-    console = stack_verb("console", "attach to a running VM's serial console (Ctrl-] leaves)")
-    console.add_argument("vm", help="the VM")
+    stack_verb("console", "attach to a running VM's serial console (Ctrl-] leaves)", vms="+")
 
     stack_verb("clean", "remove the stack's state (refused while it runs)")
 
@@ -97,11 +100,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_file_word(word: str) -> bool:
+    """A path, not a VM name (VM names have no "." or "/")."""
+    return "." in word or "/" in word or os.path.isfile(word)
+
+
+def resolve_file(args: argparse.Namespace) -> None:
+    """Fill args.file (and args.vms) from the positional words; default to the manifest
+    in the current directory, and say which one it is."""
+    words = list(getattr(args, "words", None) or [])
+    if hasattr(args, "words"):
+        args.file = words.pop(0) if words and _is_file_word(words[0]) else None
+        args.vms = words
+    if args.file is None:
+        args.file = os.path.relpath(manifest.find_manifest(Path.cwd()))
+        print(f"vmrun: using {args.file}", file=sys.stderr)
+
+
 def load(args: argparse.Namespace) -> manifest.Stack:
     """The manifest, checked as far as it can be before anything starts."""
     stack = manifest.load(args.file, state_dir=getattr(args, "state_dir", None))
     domain.validate(stack)
     return stack
+
+
+def identity(args: argparse.Namespace) -> manifest.Identity:
+    """What ps, down, logs, console and clean need: works on a manifest that no longer
+    validates."""
+    return manifest.load_identity(args.file, state_dir=args.state_dir)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -113,10 +139,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_render(args: argparse.Namespace) -> int:
     stack = load(args)
-    names = operate.check_vm_names(stack, [args.vm] if args.vm is not None else [])
+    if len(args.vms) > 1:
+        raise UsageError(f"render takes one VM name, not {len(args.vms)}")
+    names = operate.check_vm_names(stack.identity, args.vms)
     vms = [stack.vm(name) for name in names]
     accel = host.choose_accel(stack.accel)
-    paths = StackPaths(stack.state_dir)
+    paths = stack.paths
     for vm in vms:
         vm_paths = paths.vm(vm.name)
         xml = domain.build(vm, accel.name, vm_paths.console_socket, disks.plan(vm, vm_paths))
@@ -138,30 +166,28 @@ def cmd_up(args: argparse.Namespace) -> int:
     finally:
         display.close()
     display.summary(result)
-    return result.exit
+    return result.exit if result.exit is not None else 1
 
 
 def up_detached(stack: manifest.Stack, wait_ready: bool, fresh: bool) -> int:
-    host.check(stack.accel)  # exit 3 here, in the foreground, before forking
-    for report in detach.start(stack, wait_ready, fresh):
-        event = report.get("ev")
-        if event == "vm":
-            print(f"vmrun: {report['vm']} {report['state']}", file=sys.stderr)
-        elif event == "up":
-            print(f"vmrun: stack {stack.name} is up (supervisor pid {report['pid']}); "
+    the_host = host.check(stack.accel)  # exit 3 here, in the foreground, before forking
+    for report in detach.start(stack, the_host, wait_ready, fresh):
+        if isinstance(report, p.VMReached):
+            print(f"vmrun: {report.vm} {report.state}", file=sys.stderr)
+        elif isinstance(report, p.StackUp):
+            print(f"vmrun: stack {stack.name} is up (supervisor pid {report.pid}); "
                   f"stop it with: vmrun down {stack.path}", file=sys.stderr)
             return 0
-        elif event == "failed":
-            reason = report.get("reason") or ""
-            print(f"vmrun: error: {report['vm']} {report['outcome']}"
-                  + (f": {reason}" if reason else ""), file=sys.stderr)
+        elif isinstance(report, p.VMFailed):
+            print(f"vmrun: error: {report.vm} {report.outcome}"
+                  + (f": {report.reason}" if report.reason else ""), file=sys.stderr)
             return 1
-        elif event == "error":
-            for line in report.get("lines", []):
+        elif isinstance(report, p.StartError):
+            for line in report.lines:
                 print(f"vmrun: error: {line}", file=sys.stderr)
-            return int(report.get("code", 1))
+            return report.code
     print("vmrun: error: the background supervisor ended before the stack was up; "
-          f"see {StackPaths(stack.state_dir).dir / 'up.log'}", file=sys.stderr)
+          f"see {stack.paths.up_log}", file=sys.stderr)
     return 1
 
 
@@ -186,12 +212,12 @@ def _table(rows: list[tuple[str, ...]]) -> str:
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
-    stack = manifest.load(args.file, state_dir=args.state_dir)
+    stack = identity(args)
     state = operate.status(stack)
     if args.json:
         data: dict[str, Any] = {"stack": stack.name, "running": state is not None}
         if state is not None:
-            data.update(state)
+            data.update(state.to_dict())
         else:
             data["last_run"] = operate.last_run(stack)
         print(json.dumps(data, indent=2))
@@ -211,17 +237,17 @@ def cmd_ps(args: argparse.Namespace) -> int:
     table: list[tuple[str, ...]] = [
         ("VM", "STATE", "OUTCOME", "UPTIME", "ACCEL", "QEMU PID", "ADDRESSES", "FORWARDS",
          "REASON")]
-    for name, vm in state["vms"].items():
-        addresses = ",".join(f"{net}={a['ip']}" for net, a in vm["addresses"].items())
-        table.append((name, vm["state"], vm["outcome"] or "-", _age(vm["uptime"]),
-                      vm["accel"] or "-", str(vm["qemu_pid"] or "-"), addresses or "-",
-                      ",".join(vm["forwards"]) or "-", vm["reason"] or ""))
+    for name, vm in state.vms.items():
+        addresses = ",".join(f"{net}={a.ip}" for net, a in vm.addresses.items())
+        table.append((name, str(vm.state), str(vm.outcome or "-"), _age(vm.uptime),
+                      vm.accel or "-", str(vm.qemu_pid or "-"), addresses or "-",
+                      ",".join(vm.forwards) or "-", vm.reason or ""))
     sys.stdout.write(_table(table))
     return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    stack = manifest.load(args.file, state_dir=args.state_dir)
+    stack = identity(args)
     result = operate.down(stack, args.timeout)
     if result.was_running:
         print(f"vmrun: stack {stack.name} stopped", file=sys.stderr)
@@ -234,7 +260,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    stack = manifest.load(args.file, state_dir=args.state_dir)
+    stack = identity(args)
     names = operate.check_vm_names(stack, args.vms)
     width = max(len(n) for n in names)
     for vm, line in operate.logs(stack, names, args.follow, args.tail):
@@ -245,17 +271,20 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    stack = manifest.load(args.file, state_dir=args.state_dir)
+    stack = identity(args)
     for path in operate.clean(stack):
         print(f"vmrun: removed {path}", file=sys.stderr)
     return 0
 
 
 def cmd_console(args: argparse.Namespace) -> int:
-    stack = manifest.load(args.file, state_dir=args.state_dir)
-    (name,) = operate.check_vm_names(stack, [args.vm])
-    paths = StackPaths(stack.state_dir)
-    if control.lock_holder(paths) is None:
+    stack = identity(args)
+    if len(args.vms) != 1:
+        raise UsageError("console takes one VM name",
+                         hint="VMs: " + ", ".join(stack.vm_names))
+    (name,) = operate.check_vm_names(stack, args.vms)
+    paths = stack.paths
+    if client.lock_holder(paths) is None:
         raise VmrunError(f'stack "{stack.name}" is not running',
                          hint=f"start it with: vmrun up --detach {args.file}")
     print(f"vmrun: connected to {name}'s console; press Ctrl-] to leave", file=sys.stderr)
@@ -296,10 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # `vmrun logs FILE --tail 5 web`: VM names after an option end up here
     if extra and args.command == "logs" and not any(e.startswith("-") for e in extra):
-        args.vms += extra
+        args.words += extra
     elif extra:
         parser.error("unrecognized arguments: " + " ".join(extra))
     try:
+        if hasattr(args, "file") or hasattr(args, "words"):
+            resolve_file(args)
         return COMMANDS[args.command](args)
     except VmrunError as exc:
         for line in exc.lines():

@@ -20,9 +20,10 @@ import time
 import tty
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 ESCAPE = 0x1D  # Ctrl-]
+MAX_LINE = 16384  # a console "line" longer than this is handed on in pieces
 CLIENT_SEND_TIMEOUT = 2.0
 # After piped (non-terminal) input ends, output is still shown until the guest has been
 # quiet this long, or at most DRAIN_MAX seconds.
@@ -30,9 +31,43 @@ DRAIN_QUIET = 1.0
 DRAIN_MAX = 10.0
 
 
+class Log:
+    """The console log.  A write that fails (a full disk) loses that chunk, not the
+    relay: patterns are matched on what the guest printed, logged or not."""
+
+    def __init__(self, path: str) -> None:
+        self.lost = 0  # bytes not written
+        self.error = ""
+        self.file: BinaryIO | None = None
+        try:
+            self.file = open(path, "ab", buffering=0)  # noqa: SIM115
+        except OSError as exc:
+            self.error = exc.strerror or str(exc)
+
+    def write(self, chunk: bytes) -> None:
+        written = 0
+        try:
+            if self.file is not None:
+                written = self.file.write(chunk) or 0
+        except OSError as exc:
+            self.error = exc.strerror or str(exc)
+        self.lost += len(chunk) - written
+
+    def warning(self) -> str | None:
+        if not self.lost:
+            return None
+        return f"console.log incomplete: {self.lost} bytes not written ({self.error})"
+
+    def close(self) -> None:
+        if self.file is not None:
+            with contextlib.suppress(OSError):
+                self.file.close()
+
+
 def relay(qemu_socket: str, attach_socket: str, log_path: str,
-          on_line: Callable[[str], None], on_connected: Callable[[], None]) -> None:
-    """Run until the guest's console closes (QEMU exited); never raises for I/O errors."""
+          on_line: Callable[[str], None], on_connected: Callable[[], None]) -> str | None:
+    """Run until the guest's console closes (QEMU exited).  Returns a warning when the
+    log could not be written whole."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.connect(qemu_socket)
@@ -49,7 +84,8 @@ def relay(qemu_socket: str, attach_socket: str, log_path: str,
     listener.listen(4)
     clients: list[socket.socket] = []
     pending = b""
-    with open(log_path, "ab", buffering=0) as log:
+    log = Log(log_path)
+    try:
         while True:
             readable, _, _ = select.select([sock, listener, *clients], [], [])
             if listener in readable:
@@ -83,16 +119,22 @@ def relay(qemu_socket: str, attach_socket: str, log_path: str,
                     client.close()
             pending += chunk
             *lines, pending = pending.split(b"\n")
+            if len(pending) > MAX_LINE:  # no newline for that long: match it in pieces
+                lines.append(pending)
+                pending = b""
             for line in lines:
                 on_line(line.rstrip(b"\r").decode("utf-8", "replace"))
         if pending:
             on_line(pending.rstrip(b"\r").decode("utf-8", "replace"))
+    finally:
+        log.close()
     for client in clients:
         client.close()
     listener.close()
     with contextlib.suppress(OSError):
         os.unlink(attach_socket)
     sock.close()
+    return log.warning()
 
 
 class _Leave(Exception):

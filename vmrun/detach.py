@@ -10,14 +10,14 @@ before anything started).  The foreground process exits as soon as it knows.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 from collections.abc import Iterator
 from typing import Any
 
+from vmrun import host, lock
+from vmrun import protocol as p
 from vmrun.errors import EXIT_FAILED, VmrunError
-from vmrun.layout import StackPaths
 from vmrun.manifest import Stack
 
 
@@ -26,49 +26,48 @@ class _Reporter:
 
     def __init__(self, stack: Stack, fd: int, wait_ready: bool, log: Any) -> None:
         self.fd = fd
-        self.target = "ready" if wait_ready else "running"
+        # the states in which a VM counts as up
+        self.reached = {p.VMState.READY, p.VMState.STOPPED}
+        if not wait_ready:
+            self.reached |= {p.VMState.RUNNING, p.VMState.STOPPING}
+        self.target = p.VMState.READY if wait_ready else p.VMState.RUNNING
         self.pending = {vm.name for vm in stack.vms}
         self.log = log
 
-    def send(self, **message: Any) -> None:
-        if self.fd < 0:
-            return
-        with contextlib.suppress(OSError):
-            os.write(self.fd, (json.dumps(message) + "\n").encode())
+    def send(self, report: p.DetachReport) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self.fd, p.encode(report))
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
-    def __call__(self, vm: str, event: str, data: dict[str, Any]) -> None:
-        if event in ("console", "tick"):
+    def __call__(self, vm: str, event: p.Note, state: p.VMState | None) -> None:
+        if isinstance(event, p.Console | p.Tick):
             return
-        self.log.write(f"vmrun: {vm or 'stack'}: {event} {json.dumps(data)}\n")
+        self.log.write(f"vmrun: {vm or 'stack'}: {event.to_json()}\n")
         self.log.flush()
-        if event == "result" and data.get("outcome") != "ok":
+        if isinstance(event, p.Result) and event.outcome is not p.Outcome.OK:
             # Any VM that ends badly before the whole stack is up, ready or not.
-            self.send(ev="failed", vm=vm, outcome=data.get("outcome"),
-                      reason=data.get("reason") or "")
+            self.send(p.VMFailed(vm=vm, outcome=event.outcome, reason=event.reason))
             self.close()
             return
-        if vm not in self.pending:
-            return
-        reached = event in (self.target, "result") or (event == "ready" and
-                                                      self.target == "running")
-        if reached:
+        if vm in self.pending and state in self.reached:
             self.pending.discard(vm)
-            self.send(ev="vm", vm=vm, state=self.target)
+            self.send(p.VMReached(vm=vm, state=self.target))
             if not self.pending:
-                self.send(ev="up", pid=os.getpid())
+                self.send(p.StackUp(pid=os.getpid()))
                 self.close()
 
 
-def start(stack: Stack, wait_ready: bool, fresh: bool = False) -> Iterator[dict[str, Any]]:
+def start(stack: Stack, the_host: host.Host, wait_ready: bool,
+          fresh: bool = False) -> Iterator[p.DetachReport]:
     """Fork the supervisor into the background; yield its reports until it is up or not."""
     from vmrun.supervisor import Supervisor
 
-    paths = StackPaths(stack.state_dir)
+    paths = stack.paths
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -78,34 +77,34 @@ def start(stack: Stack, wait_ready: bool, fresh: bool = False) -> Iterator[dict[
         try:
             os.close(read_fd)
             os.setsid()
-            reporter = None
             try:
-                paths.dir.mkdir(parents=True, exist_ok=True)
+                lock.claim(paths)
                 # Appended to, never truncated: if the stack is running already, this
                 # process only learns so in Supervisor.run(), and its log must survive.
-                log = open(paths.dir / "up.log", "a", buffering=1)  # noqa: SIM115
+                log = open(paths.up_log, "a", buffering=1)  # noqa: SIM115
                 null = os.open(os.devnull, os.O_RDONLY)
                 os.dup2(null, 0)
                 os.dup2(log.fileno(), 1)
                 os.dup2(log.fileno(), 2)
                 reporter = _Reporter(stack, write_fd, wait_ready, log)
-                result = Supervisor(stack, reporter, fresh=fresh).run()
-                code = result.exit
+                result = Supervisor(stack, reporter, fresh=fresh, the_host=the_host).run()
+                code = result.exit if result.exit is not None else EXIT_FAILED
                 log.write(f"vmrun: exit status {code}\n")
             except VmrunError as exc:
                 code = exc.exit_code
-                message = {"ev": "error", "code": code, "lines": exc.lines()}
+                error = p.StartError(code=code, lines=tuple(exc.lines()))
                 with contextlib.suppress(OSError):
-                    os.write(write_fd, (json.dumps(message) + "\n").encode())
+                    os.write(write_fd, p.encode(error))
             except OSError as exc:
-                message = {"ev": "error", "code": 3,
-                           "lines": [f"cannot start in the background: {exc}"]}
+                error = p.StartError(code=3, lines=(f"cannot start in the background: {exc}",))
                 with contextlib.suppress(OSError):
-                    os.write(write_fd, (json.dumps(message) + "\n").encode())
+                    os.write(write_fd, p.encode(error))
         finally:
             os._exit(code)
     os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as reports:
-        for line in reports:
-            with contextlib.suppress(ValueError):
-                yield json.loads(line)
+    reader = p.LineReader()
+    with os.fdopen(read_fd, "rb", buffering=0) as reports:
+        while data := reports.read(65536):
+            for line in reader.feed(data):
+                with contextlib.suppress(p.ProtocolError):
+                    yield p.decode_report(line)

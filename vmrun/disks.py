@@ -34,10 +34,6 @@ class Attachment:
     readonly: bool
 
 
-def disk_file(paths: VMPaths, index: int) -> Path:
-    return paths.dir / f"disk-{index}.qcow2"
-
-
 def plan(vm: VM, paths: VMPaths) -> list[Attachment]:
     """The files attached for `vm`'s disks, in order, then its seed (nothing is created)."""
     attachments = []
@@ -45,9 +41,9 @@ def plan(vm: VM, paths: VMPaths) -> list[Attachment]:
         if disk.readonly and disk.image is not None:
             attachments.append(Attachment(disk.image, disk.format, True))
         else:
-            attachments.append(Attachment(disk_file(paths, index), "qcow2", False))
+            attachments.append(Attachment(paths.disk(index), "qcow2", False))
     if vm.cloud_init is not None:
-        attachments.append(Attachment(paths.dir / "seed.iso", "raw", True))
+        attachments.append(Attachment(paths.seed, "raw", True))
     return attachments
 
 
@@ -74,7 +70,7 @@ def check_space(vm: VM, paths: VMPaths, fresh: bool) -> None:
     stat = os.statvfs(directory)
     free_mib = stat.f_bavail * stat.f_frsize // (1024 * 1024)
     for index, disk in enumerate(vm.disks):
-        target = disk_file(paths, index)
+        target = paths.disk(index)
         if disk.size_mib is not None and disk.size_mib > free_mib and \
                 (fresh or vm.ephemeral or not target.exists()):
             raise HostError(f"VM {vm.name}: disk {index} ({disk.size_mib}M) is larger than the "
@@ -88,7 +84,7 @@ def prepare(vm: VM, paths: VMPaths, fresh: bool) -> list[Attachment]:
     for index, disk in enumerate(vm.disks):
         if disk.readonly:
             continue
-        target = disk_file(paths, index)
+        target = paths.disk(index)
         sidecar = target.with_suffix(".json")
         wanted = _wanted(disk)
         try:

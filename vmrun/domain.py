@@ -9,12 +9,11 @@ from lxml import etree
 
 from vmrun.disks import Attachment
 from vmrun.errors import ManifestError, Problem
+from vmrun.layout import bridge_name, tap_name
 from vmrun.manifest import VM, Stack
 
 MACHINE = "q35"
 ARCH = "x86_64"
-# The kernel's own message; reported as the outcome "panic" as soon as it is seen.
-PANIC_PATTERN = r"Kernel panic - not syncing"
 
 
 def _sub(parent: etree._Element, tag: str, text: str | None = None, **attrs: str) -> etree._Element:
@@ -58,11 +57,9 @@ def build(vm: VM, accel: str, console_socket: Path,
             _sub(element, "readonly")
     for address in vm.addresses:
         nic = _sub(devices, "interface", type="bridge")
-        _sub(nic, "source", bridge=f"vr-{address.network}")  # in the stack's namespace
+        _sub(nic, "source", bridge=bridge_name(address.network))  # in the stack's netns
         _sub(nic, "mac", address=address.mac)
-        # Each VM's libvirt would name its taps vnet0, vnet1, ... on its own and clash in
-        # the shared namespace: name them after the MAC, unique within the stack.
-        _sub(nic, "target", dev="vt" + address.mac.replace(":", "")[6:])
+        _sub(nic, "target", dev=tap_name(address.mac))
         _sub(nic, "model", type="virtio")
         _sub(nic, "rom", enabled="no")  # no iPXE: direct kernel boot does not need it
     # The serial console is a UNIX socket QEMU listens on; the driver reads it.

@@ -1,26 +1,49 @@
-"""Where a stack keeps its state, and how each VM's embedded root gets a short path.
+"""Every name vmrun gives a file, directory, socket or interface: nowhere else.
 
     <state_dir>/<stack>/            mode 0700
+        .vmrun-stack                marks a directory vmrun made (nothing else is touched)
         lock                        held (flock) by the running supervisor; holds its pid
-        last-run.json               outcome of the last run
+        control.sock                the running supervisor's control socket (0600)
+        last-run.json               outcome of the last run (or of the one running)
+        up.log                      the background supervisor's output (`up --detach`)
+        forward.log                 the port forwarder's messages
+        probe.log                   the capabilities probe's messages
         vms/<vm>/console.log        the VM's whole console of the last run
         vms/<vm>/driver.log         the driver's and libvirt's messages
+        vms/<vm>/disk-N.qcow2       overlay or blank disk of the VM's disks[N] (N from 0)
+        vms/<vm>/disk-N.json        what that disk was made from
+        vms/<vm>/seed.iso           the cloud-init NoCloud seed
         vms/<vm>/root               libvirt's embedded root (or a link to a short one)
+    <root>/
+        etc/qemu.conf               written by vmrun
+        cache/qemu/capabilities/    QEMU's capabilities (copied from the host's cache)
+        run/qemu/<vm>.pid           libvirt's pidfile of the VM's QEMU
+        console.sock                QEMU's serial console (the driver connects)
+        attach.sock                 the driver's console relay (`vmrun console` connects)
+        .vmrun-link                 in a short root: the state-dir link that points to it
 
 UNIX socket paths are limited to 108 bytes and libvirt puts the QEMU monitor socket
 under the root, so a root whose path would be too long lives in a short directory
 under /run/vmrun (or the user's runtime directory) and is linked from the state dir.
+
+Runtime names outside the state directory: the stack's network namespace
+(`netns_name`), one bridge per network in it (`bridge_name`), one tap per NIC
+(`tap_name`).  QEMU's capabilities are cached per host in `caps_cache_base()`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 # Room left under the root: "/lib/qemu/domain-NNNN-<20 chars>/monitor.sock" and more.
 ROOT_PATH_MAX = 48
+CONTROL_SOCKET = "control.sock"
+OWNER_FILE = ".vmrun-link"
 
 
 def short_root_base() -> Path:
@@ -30,13 +53,63 @@ def short_root_base() -> Path:
     return Path(runtime) / "vmrun" if runtime else Path(f"/tmp/vmrun-{os.getuid()}")
 
 
+@contextlib.contextmanager
+def short_socket_path(socket: Path) -> Iterator[str]:
+    """A path to `socket` short enough for bind()/connect() however deep its directory:
+    /proc/self/fd/N/NAME, N an O_PATH descriptor of the directory, open meanwhile."""
+    fd = os.open(socket.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{socket.name}"
+    finally:
+        os.close(fd)
+
+
+def caps_cache_base() -> Path:
+    """Where QEMU's capabilities are cached, one directory per QEMU and libvirt build."""
+    if os.geteuid() == 0:
+        base = Path("/var/cache/vmrun")
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vmrun"
+    return base / "qemu-capabilities"
+
+
+def netns_name(stack_dir: Path) -> str:
+    """The stack's network namespace: unique per state directory."""
+    return "vmrun-" + hashlib.sha256(str(stack_dir).encode()).hexdigest()[:12]
+
+
+def bridge_name(network: str) -> str:
+    """The bridge of a network, in the stack's namespace (at most 15 characters)."""
+    return f"vr-{network}"
+
+
+def tap_name(mac: str) -> str:
+    """A NIC's tap: named after the MAC, unique in the stack (each VM's libvirt would
+    otherwise call its taps vnet0, vnet1, ... and clash in the shared namespace)."""
+    return "vt" + mac.replace(":", "")[6:]
+
+
 @dataclass(frozen=True)
 class VMPaths:
+    name: str
     dir: Path
     root_link: Path  # <dir>/root: the root itself, or a link to it
     root: Path  # the path libvirt is given (short)
-    console_log: Path
-    driver_log: Path
+
+    @property
+    def console_log(self) -> Path:
+        return self.dir / "console.log"
+
+    @property
+    def driver_log(self) -> Path:
+        return self.dir / "driver.log"
+
+    @property
+    def seed(self) -> Path:
+        return self.dir / "seed.iso"
+
+    def disk(self, index: int) -> Path:
+        return self.dir / f"disk-{index}.qcow2"
 
     @property
     def console_socket(self) -> Path:
@@ -58,8 +131,14 @@ class VMPaths:
     def run_dir(self) -> Path:
         return self.root / "run"
 
-    def pidfile(self, domain: str) -> Path:
-        return self.root / "run" / "qemu" / f"{domain}.pid"
+    @property
+    def pidfile(self) -> Path:
+        """libvirt's pidfile of the VM's QEMU (the domain is named after the VM)."""
+        return self.root / "run" / "qemu" / f"{self.name}.pid"
+
+    @property
+    def owner_file(self) -> Path:
+        return self.root / OWNER_FILE
 
 
 @dataclass(frozen=True)
@@ -67,20 +146,55 @@ class StackPaths:
     dir: Path
 
     @property
+    def marker(self) -> Path:
+        return self.dir / ".vmrun-stack"
+
+    @property
     def lock(self) -> Path:
         return self.dir / "lock"
+
+    def is_ours(self) -> bool:
+        """The directory is missing, or vmrun made it (stacks of earlier versions have no
+        marker but a lock)."""
+        if not os.path.lexists(self.dir):
+            return True
+        return self.dir.is_dir() and not self.dir.is_symlink() and (
+            self.marker.exists() or self.lock.exists())
+
+    @property
+    def control_socket(self) -> Path:
+        return self.dir / CONTROL_SOCKET
 
     @property
     def last_run(self) -> Path:
         return self.dir / "last-run.json"
 
+    @property
+    def up_log(self) -> Path:
+        return self.dir / "up.log"
+
+    @property
+    def forward_log(self) -> Path:
+        return self.dir / "forward.log"
+
+    @property
+    def probe_log(self) -> Path:
+        return self.dir / "probe.log"
+
+    @property
+    def vms_dir(self) -> Path:
+        return self.dir / "vms"
+
     def vm(self, name: str) -> VMPaths:
-        vm_dir = self.dir / "vms" / name
+        vm_dir = self.vms_dir / name
         link = vm_dir / "root"
         if len(str(link)) <= ROOT_PATH_MAX:
             root = link
         else:
             digest = hashlib.sha256(str(link).encode()).hexdigest()[:16]
             root = short_root_base() / digest
-        return VMPaths(dir=vm_dir, root_link=link, root=root,
-                       console_log=vm_dir / "console.log", driver_log=vm_dir / "driver.log")
+        return VMPaths(name=name, dir=vm_dir, root_link=link, root=root)
+
+    def probe_root(self) -> Path:
+        """A short root of its own for this supervisor's capabilities probe."""
+        return short_root_base() / f"probe-{os.getpid()}"

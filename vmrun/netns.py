@@ -16,11 +16,12 @@ this before the supervisor installs its reaper, or after it has removed it.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from pathlib import Path
 
-from vmrun import network
 from vmrun.errors import HostError
+from vmrun.layout import netns_name
 from vmrun.manifest import Stack
 
 NETNS_DIR = Path("/run/netns")
@@ -28,7 +29,7 @@ IP = "ip"
 
 
 def name_for(stack_dir: Path) -> str:
-    return network.netns_name(str(stack_dir))
+    return netns_name(stack_dir)
 
 
 def path_for(stack_dir: Path) -> Path:
@@ -78,3 +79,25 @@ def teardown(stack_dir: Path) -> bool:
         return False
     _ip("netns", "del", name_for(stack_dir), check=False)
     return True
+
+
+def bind_forwards(stack: Stack) -> list[socket.socket]:
+    """Listening sockets for every forward, bound now: a port in use is exit 3."""
+    listeners: list[socket.socket] = []
+    for vm in stack.vms:
+        for fwd in vm.forward:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((fwd.host_address, fwd.host_port))
+                sock.listen(64)
+            except OSError as exc:
+                sock.close()
+                for other in listeners:
+                    other.close()
+                raise HostError(
+                    f"VM {vm.name}: cannot forward {fwd.host_address}:{fwd.host_port}: "
+                    f"{exc.strerror}",
+                    hint="choose another host port, or stop what uses it") from None
+            listeners.append(sock)
+    return listeners

@@ -15,6 +15,8 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from vmrun.layout import bridge_name
+
 DEFAULT_SUBNET_BASE = ipaddress.IPv4Network("10.77.0.0/16")
 FIRST_HOST = 10  # .1-.9 are kept for the stack itself
 _FORWARD_RE = re.compile(r"(?:(\d{1,3}(?:\.\d{1,3}){3}):)?(\d{1,5}):(\d{1,5})\Z")
@@ -31,7 +33,7 @@ class Network:
 
     @property
     def bridge(self) -> str:
-        return f"vr-{self.name}"
+        return bridge_name(self.name)
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,3 @@ def assign(stack: str, networks: dict[str, Network],
     return result
 
 
-def netns_name(stack_dir: str) -> str:
-    """The stack's network namespace: unique per state directory."""
-    return "vmrun-" + hashlib.sha256(stack_dir.encode()).hexdigest()[:12]

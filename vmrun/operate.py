@@ -1,8 +1,10 @@
 """Verbs that operate a stack from another shell: ps, down, logs, clean.
 
-They find the stack through its manifest (and --state-dir), talk to a running
-supervisor over the control socket, and fall back to the state directory when nothing
-runs.  Nothing here prints: the CLI does.
+They find the stack through its identity (name, state directory, VM names: see
+manifest.load_identity), not the whole manifest, so they work when the manifest no longer
+validates (a deleted kernel must not keep `down` from stopping the stack).  They talk to
+a running supervisor over the control socket and fall back to the state directory when
+nothing runs.  Nothing here prints: the CLI does.
 """
 
 from __future__ import annotations
@@ -15,32 +17,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmrun import control, netns, procs
+from vmrun import cgroups, client, lock, netns, procs
+from vmrun import protocol as p
 from vmrun.errors import HostError, UsageError
-from vmrun.layout import StackPaths
-from vmrun.manifest import MAX_SECONDS, Stack
+from vmrun.manifest import MAX_SECONDS, Identity
 
 # How long `down` waits beyond its timeout for the supervisor to finish.
 DOWN_GRACE = 20.0
 
 
-def paths_of(stack: Stack) -> StackPaths:
-    return StackPaths(stack.state_dir)
-
-
-def status(stack: Stack) -> dict[str, Any] | None:
+def status(stack: Identity) -> p.StackStatus | None:
     """The running stack's state from its supervisor, or None when it is not running."""
+    paths = stack.paths
     try:
-        reply, sock = control.request(paths_of(stack), {"cmd": "ps"})
-    except control.NotRunning:
+        reply, sock = client.request(paths, p.PsRequest().to_dict())
+    except client.NotRunning:
         return None
     sock.close()
-    return reply
-
-
-def last_run(stack: Stack) -> dict[str, Any] | None:
     try:
-        data: dict[str, Any] = json.loads(paths_of(stack).last_run.read_text())
+        return p.StackStatus.from_dict(reply)
+    except p.ProtocolError:
+        raise client.NoAnswer(paths, client.lock_holder(paths)) from None
+
+
+def last_run(stack: Identity) -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = json.loads(stack.paths.last_run.read_text())
     except (OSError, ValueError):
         return None
     return data
@@ -53,46 +55,54 @@ class DownResult:
     killed: tuple[int, ...]  # leftover processes of a crashed run that were killed
 
 
-def down(stack: Stack, timeout: float | None) -> DownResult:
+def down(stack: Identity, timeout: float | None) -> DownResult:
     """Stop a running stack gracefully and wait until it is gone; else clean up leftovers."""
     if timeout is not None and not (0 <= timeout <= MAX_SECONDS):
         raise UsageError(f"--timeout takes a number of seconds from 0 to {MAX_SECONDS}, "
                          f"not {timeout}")
-    paths = paths_of(stack)
-    wait_for = stack.stop_timeout if timeout is None else timeout
-    request: dict[str, Any] = {"cmd": "down"}
-    if timeout is not None:
-        request["timeout"] = timeout
+    paths = stack.paths
     try:
-        reply, sock = control.request(paths, request)
-    except control.NotRunning:
-        killed = procs.clean_runtime(paths, [vm.name for vm in stack.vms])
+        data, sock = client.request(paths, p.DownRequest(timeout=timeout).to_dict())
+    except client.NotRunning:
+        if not paths.is_ours():
+            raise lock.not_ours(paths) from None
+        killed = procs.clean_runtime(paths, stack.vm_names)
         netns.teardown(stack.state_dir)
+        cgroups.remove(paths.vm(name).root for name in stack.vm_names)
         return DownResult(False, None, tuple(killed))
-    if not control.wait_closed(sock, wait_for + DOWN_GRACE):
-        raise HostError(f'stack "{stack.name}" did not stop within {wait_for + DOWN_GRACE:g}s',
-                        hint=f"its supervisor is pid {reply.get('pid')}")
+    try:
+        reply = p.DownAccepted.from_dict(data)
+    except p.ProtocolError:
+        sock.close()
+        raise client.NoAnswer(paths, client.lock_holder(paths)) from None
+    if not client.wait_closed(sock, reply.timeout + DOWN_GRACE):
+        raise HostError(f'stack "{stack.name}" did not stop within '
+                        f"{reply.timeout + DOWN_GRACE:g}s",
+                        hint=f"its supervisor is pid {reply.pid}")
     # Drivers hold the lock until they have exited: wait for that too.
     deadline = time.monotonic() + DOWN_GRACE
-    while control.lock_holder(paths) is not None and time.monotonic() < deadline:
+    while client.lock_holder(paths) is not None and time.monotonic() < deadline:
         time.sleep(0.05)
-    return DownResult(True, reply.get("pid"), ())
+    return DownResult(True, reply.pid, ())
 
 
-def clean(stack: Stack) -> list[Path]:
+def clean(stack: Identity) -> list[Path]:
     """Remove the stack's whole state; refused while it runs.  Returns what was removed."""
-    paths = paths_of(stack)
-    holder = control.lock_holder(paths)
+    paths = stack.paths
+    if not paths.is_ours():
+        raise lock.not_ours(paths)
+    holder = client.lock_holder(paths)
     if holder is not None:
         raise HostError(f'stack "{stack.name}" is running (pid {holder}); not removing '
                         "its state", hint=f"stop it first: vmrun down {stack.path}")
-    names = [vm.name for vm in stack.vms]
+    names = list(stack.vm_names)
     if paths.dir.is_dir():  # VMs of earlier versions of the manifest too
         vms_dir = paths.dir / "vms"
         if vms_dir.is_dir():
             names += [p.name for p in vms_dir.iterdir() if p.name not in names]
     procs.clean_runtime(paths, names)
     netns.teardown(stack.state_dir)
+    cgroups.remove(paths.vm(name).root for name in names)
     removed = []
     for name in names:
         vm = paths.vm(name)
@@ -105,8 +115,8 @@ def clean(stack: Stack) -> list[Path]:
     return removed
 
 
-def check_vm_names(stack: Stack, names: Sequence[str]) -> list[str]:
-    known = [vm.name for vm in stack.vms]
+def check_vm_names(stack: Identity, names: Sequence[str]) -> list[str]:
+    known = list(stack.vm_names)
     unknown = [n for n in names if n not in known]
     if unknown:
         raise UsageError(f"{stack.path}: no VM named " + ", ".join(f'"{n}"' for n in unknown),
@@ -127,12 +137,12 @@ def _tail_lines(path: Path, count: int | None) -> tuple[list[str], int]:
     return lines, len(data) - len(_partial.encode("utf-8", "replace"))
 
 
-def logs(stack: Stack, names: Sequence[str], follow: bool, tail: int | None,
+def logs(stack: Identity, names: Sequence[str], follow: bool, tail: int | None,
          poll: float = 0.1) -> Iterator[tuple[str, str]]:
     """(vm, line) of the VMs' consoles; with `follow`, until the stack stops running."""
     if tail is not None and tail < 0:
         raise UsageError(f"--tail takes a number of lines, 0 or more, not {tail}")
-    paths = paths_of(stack)
+    paths = stack.paths
     names = check_vm_names(stack, names)
     offsets: dict[str, int] = {}
     for name in names:
@@ -142,7 +152,7 @@ def logs(stack: Stack, names: Sequence[str], follow: bool, tail: int | None,
     if not follow:
         return
     pending = {name: b"" for name in names}
-    running = control.lock_holder(paths) is not None
+    running = client.lock_holder(paths) is not None
     while True:
         for name in names:
             log = paths.vm(name).console_log
@@ -163,5 +173,5 @@ def logs(stack: Stack, names: Sequence[str], follow: bool, tail: int | None,
                 yield name, raw.rstrip(b"\r").decode("utf-8", "replace")
         if not running:
             return
-        running = control.lock_holder(paths) is not None  # one more pass after it stops
+        running = client.lock_holder(paths) is not None  # one more pass after it stops
         time.sleep(poll)

@@ -66,7 +66,7 @@ def stack_processes(paths: StackPaths, names: Iterable[str]) -> list[int]:
     for pid in all_pids():
         cmd = cmdline(pid)
         if b"qemu" in cmd and any(root in cmd for root in roots) or \
-                b"vmrun.driver" in cmd and stack_dir in cmd:
+                b"vmrun.proc.driver" in cmd and stack_dir in cmd:
             found.append(pid)
     return [pid for pid in found if alive(pid) and pid != os.getpid()]
 

@@ -1,27 +1,33 @@
 """What a run of a stack produced: each VM's outcome, and the run's exit status.
 
-Written to `<state_dir>/<name>/last-run.json` by the supervisor and shown by the CLI.
+Written to `<state_dir>/<name>/last-run.json` by the supervisor when a run starts (no
+outcomes, no exit status: a run that is killed leaves that behind) and when it ends.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from vmrun.manifest import VM
+from vmrun.protocol import Address, Outcome
 
 
 @dataclass
 class VMResult:
     name: str
-    outcome: str = "failed"
-    reason: str = ""
+    outcome: Outcome | None = None  # None: not ended (yet)
+    reason: str | None = None
     started: float | None = None
     stopped: float | None = None
     console: str = ""
-    addresses: dict[str, dict[str, str]] = field(default_factory=dict)
+    addresses: dict[str, Address] = field(default_factory=dict)
     forwards: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def duration(self) -> float | None:
@@ -33,10 +39,11 @@ class VMResult:
 @dataclass
 class RunResult:
     stack: str
-    exit: int
+    exit: int | None  # None: the run has not ended
     vms: dict[str, VMResult]
     signal: int | None = None
     accel: str = ""
+    warnings: list[str] = field(default_factory=list)  # about the run, not one VM
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -46,17 +53,32 @@ class RunResult:
             "signal": self.signal,
             "vms": {
                 name: {
-                    "outcome": r.outcome,
+                    "outcome": r.outcome.value if r.outcome else None,
                     "reason": r.reason,
                     "started": iso_time(r.started),
                     "stopped": iso_time(r.stopped),
                     "console": r.console,
-                    "addresses": r.addresses,
+                    "addresses": {net: a.to_dict() for net, a in r.addresses.items()},
                     "forwards": r.forwards,
+                    "warnings": r.warnings,
                 }
                 for name, r in self.vms.items()
             },
         }
+
+    def write(self, path: Path) -> bool:
+        """Replace `path` atomically; on failure (a full disk, a deleted state directory)
+        note a warning and leave the old file."""
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+            tmp.replace(path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            self.warnings.append(f"cannot write {path}: {exc.strerror or exc}")
+            return False
+        return True
 
 
 def iso_time(ts: float | None) -> str | None:
@@ -65,5 +87,5 @@ def iso_time(ts: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
 
 
-def addresses_of(vm: VM) -> dict[str, dict[str, str]]:
-    return {a.network: {"ip": str(a.ip), "cidr": a.cidr, "mac": a.mac} for a in vm.addresses}
+def addresses_of(vm: VM) -> dict[str, Address]:
+    return {a.network: Address(ip=str(a.ip), cidr=a.cidr, mac=a.mac) for a in vm.addresses}

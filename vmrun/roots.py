@@ -1,22 +1,23 @@
 """Each VM's embedded libvirt root: its directory, its qemu.conf, its capabilities cache.
 
-libvirt probes QEMU's capabilities (about 4 s) the first time a root is used; the result
+libvirt probes QEMU's capabilities (0.8-0.9 s here) the first time a root is used; the result
 is kept per host and QEMU build (keyed by the QEMU binary and libvirt's QEMU driver) and
 copied into every new root, so a cold stack of N VMs pays one probe, not N.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from vmrun import host
-from vmrun.layout import VMPaths, short_root_base
-
-OWNER_FILE = ".vmrun-link"  # in a short root: the state-dir link that points to it
+from vmrun.errors import HostError
+from vmrun.layout import OWNER_FILE, VMPaths, caps_cache_base, short_root_base
 
 QEMU_CONF_ROOT = """\
 # Written by vmrun for its embedded driver root.
@@ -49,7 +50,7 @@ def prepare(paths: VMPaths) -> None:
             elif paths.root_link.is_dir():
                 shutil.rmtree(paths.root_link)
             paths.root_link.symlink_to(paths.root)
-        (paths.root / OWNER_FILE).write_text(str(paths.root_link) + "\n")
+        paths.owner_file.write_text(str(paths.root_link) + "\n")
     else:
         paths.root.mkdir(parents=True, exist_ok=True, mode=0o700)
     write_qemu_conf(paths)
@@ -88,15 +89,61 @@ def caps_cache_dir(the_host: host.Host) -> Path:
         st = os.stat(path)
         key.append(f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}")
     digest = hashlib.sha256("|".join(key).encode()).hexdigest()[:16]
-    if os.geteuid() == 0:
-        base = Path("/var/cache/vmrun")
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vmrun"
-    return base / "qemu-capabilities" / digest
+    return caps_cache_base() / digest
+
+
+def ensure_caps(the_host: host.Host, probe_root: Path,
+                probe: Callable[[VMPaths], bool]) -> Path | None:
+    """The host's capabilities cache, probed first if there is none.
+
+    `probe(paths)` runs a probe driver on a fresh root at `probe_root` and says whether
+    it succeeded; another stack probing at the same time is waited for (a file lock).
+    None when the probe did not succeed (each root then probes for itself).
+    """
+    cache = caps_cache_dir(the_host)
+    if any(cache.glob("*.xml")):
+        return cache
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(cache.parent / f"{cache.name}.lock", "w")  # noqa: SIM115
+    except OSError as exc:
+        raise _unusable(cache.parent, exc) from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another stack may be probing right now
+        if any(cache.glob("*.xml")):
+            return cache
+        paths = VMPaths(name="probe", dir=probe_root, root_link=probe_root, root=probe_root)
+        shutil.rmtree(probe_root, ignore_errors=True)
+        try:
+            write_qemu_conf(paths)
+            found = sorted(paths.caps_dir.glob("*.xml")) if probe(paths) else []
+            if found:
+                _copy_all(found, cache)
+        finally:
+            shutil.rmtree(probe_root, ignore_errors=True)
+    return cache if found else None
+
+
+def _unusable(where: Path, exc: OSError) -> HostError:
+    return HostError(f"cannot write {where}: {exc.strerror or exc}",
+                     hint="free some space (or fix the permissions) and run again")
+
+
+def _copy_all(files: list[Path], target: Path) -> None:
+    """Copy `files` into a new directory `target`, whole or not at all."""
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        for path in files:
+            shutil.copy2(path, tmp / path.name)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _unusable(target, exc) from None
 
 
 def install_caps(cache: Path, paths: VMPaths) -> None:
-    """Copy the cached capabilities into a VM's root."""
-    paths.caps_dir.mkdir(parents=True, exist_ok=True)
-    for cached in cache.glob("*.xml"):
-        shutil.copy2(cached, paths.caps_dir / cached.name)
+    """Copy the cached capabilities into a VM's root (exit 3 on a full disk)."""
+    _copy_all(sorted(cache.glob("*.xml")), paths.caps_dir)

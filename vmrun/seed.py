@@ -11,21 +11,16 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from vmrun.layout import VMPaths
 from vmrun.manifest import VM, Stack
 
 VOLUME_LABEL = "cidata"
-
-
-def seed_file(paths: VMPaths) -> Path:
-    return paths.dir / "seed.iso"
 
 
 def default_meta_data(stack: Stack, vm: VM) -> bytes:
     return f"instance-id: {stack.name}-{vm.name}\nlocal-hostname: {vm.name}\n".encode()
 
 
-def contents(stack: Stack, vm: VM, network_config: bytes | None = None) -> dict[str, bytes]:
+def contents(stack: Stack, vm: VM) -> dict[str, bytes]:
     """The seed's files, by name."""
     assert vm.cloud_init is not None
     files = {"user-data": vm.cloud_init.user_data.read_bytes()}
@@ -35,8 +30,6 @@ def contents(stack: Stack, vm: VM, network_config: bytes | None = None) -> dict[
         files["meta-data"] = default_meta_data(stack, vm)
     if vm.cloud_init.network_config is not None:
         files["network-config"] = vm.cloud_init.network_config.read_bytes()
-    elif network_config is not None:
-        files["network-config"] = network_config
     elif vm.addresses:
         files["network-config"] = default_network_config(vm)
     return files

@@ -19,13 +19,15 @@ import sys
 import time
 from typing import Any, Protocol, TextIO
 
+from vmrun import protocol as p
+
 COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan",
            "bright_magenta", "bright_green", "bright_yellow", "bright_blue")
 MAX_LINE = 60  # characters of the last console line shown in the status table
 
 
 class View(Protocol):
-    def __call__(self, vm: str, event: str, data: dict[str, Any]) -> None: ...
+    def __call__(self, vm: str, event: p.Note, state: p.VMState | None) -> None: ...
     def summary(self, result: Any) -> None: ...
     def close(self) -> None: ...
 
@@ -39,16 +41,15 @@ def choose(progress: str, stream: TextIO = sys.stdout) -> str:
     return "tty"
 
 
-def _note_text(vm: str, event: str, data: dict[str, Any]) -> str | None:
-    if event == "probing":
+def _note_text(vm: str, event: p.Note) -> str | None:
+    if isinstance(event, p.Probing):
         return "probing QEMU's capabilities (once per host and QEMU build)"
-    if event == "signal":
-        return f"{signal.Signals(data['signal']).name}: shutting every VM down"
-    if event == "down":
+    if isinstance(event, p.SignalReceived):
+        return f"{signal.Signals(event.signal).name}: shutting every VM down"
+    if isinstance(event, p.DownRequested):
         return "vmrun down: shutting every VM down"
-    if event == "result":
-        reason = data.get("reason") or ""
-        return f"{vm} {data.get('outcome')}" + (f" ({reason})" if reason else "")
+    if isinstance(event, p.Result):
+        return f"{vm} {event.outcome}" + (f" ({event.reason})" if event.reason else "")
     return None
 
 
@@ -56,7 +57,8 @@ def summary_rows(result: Any) -> list[tuple[str, str, str, str]]:
     rows = []
     for name, vm in result.vms.items():
         duration = f"{vm.duration:.1f}s" if vm.duration is not None else "-"
-        rows.append((name, vm.outcome, duration, vm.reason))
+        reason = "; ".join([vm.reason] * bool(vm.reason) + [f"warning: {w}" for w in vm.warnings])
+        rows.append((name, str(vm.outcome or "-"), duration, reason))
     return rows
 
 
@@ -71,19 +73,19 @@ class PlainView:
     def note(self, text: str) -> None:
         print(f"vmrun: {text}", file=sys.stderr, flush=True)
 
-    def __call__(self, vm: str, event: str, data: dict[str, Any]) -> None:
-        if event == "console":
+    def __call__(self, vm: str, event: p.Note, state: p.VMState | None) -> None:
+        if isinstance(event, p.Console):
             if not self.quiet:
                 try:
-                    self.out.write(f"{vm:<{self.width}} | {data.get('line', '')}\n")
+                    self.out.write(f"{vm:<{self.width}} | {event.line}\n")
                     self.out.flush()
                 except BrokenPipeError:
                     # The reader went away (`vmrun up | head`): keep running the stack.
                     os.dup2(os.open(os.devnull, os.O_WRONLY), self.out.fileno())
                     self.quiet = True
             return
-        text = _note_text(vm, event, data)
-        if text is not None and (event != "result" or not self.quiet):
+        text = _note_text(vm, event)
+        if text is not None and (not isinstance(event, p.Result) or not self.quiet):
             self.note(text)
 
     def close(self) -> None:
@@ -97,6 +99,8 @@ class PlainView:
             cells = [row[i].ljust(widths[i]) for i in range(3)] + [row[3]]
             self.out.write("  ".join(cells).rstrip() + "\n")
         self.out.flush()
+        for warning in result.warnings:
+            self.note(f"warning: {warning}")
 
 
 class LiveView:
@@ -110,7 +114,7 @@ class LiveView:
         self.quiet = quiet
         self.width = max(len(n) for n in names)
         self.colour = {n: COLOURS[i % len(COLOURS)] for i, n in enumerate(names)}
-        self.state = {n: "starting" for n in names}
+        self.state = {n: str(p.VMState.STARTING) for n in names}
         self.started: dict[str, float] = {}
         self.ended: dict[str, float] = {}
         self.last = {n: "" for n in names}
@@ -135,28 +139,27 @@ class LiveView:
             table.add_row(f"[{self.colour[name]}]{name}[/]", self.state[name], elapsed, last)
         return table
 
-    def __call__(self, vm: str, event: str, data: dict[str, Any]) -> None:
+    def __call__(self, vm: str, event: p.Note, state: p.VMState | None) -> None:
         from rich.text import Text
 
-        if event == "console":
-            line = str(data.get("line", ""))
+        if isinstance(event, p.Console):
+            line = event.line
             if line.strip():
                 self.last[vm] = line.strip()
             if not self.quiet:
                 prefix = Text(f"{vm:<{self.width}} | ", style=self.colour[vm])
                 self.console.print(prefix + Text(line), soft_wrap=True)
-        elif vm in self.state:
-            if event in ("running", "ready", "stopping"):
-                self.state[vm] = event
-                if event == "running":
-                    self.started[vm] = time.monotonic()
-            elif event == "result":
-                self.state[vm] = str(data.get("outcome"))
+        elif vm in self.state and state is not None:
+            # a VM that has stopped shows its outcome instead
+            self.state[vm] = str(event.outcome) if isinstance(event, p.Result) else str(state)
+            if isinstance(event, p.Running):
+                self.started[vm] = time.monotonic()
+            elif isinstance(event, p.Result):
                 self.ended[vm] = time.monotonic()
-        if event != "console" and event != "tick":
-            text = _note_text(vm, event, data)
+        if not isinstance(event, p.Console | p.Tick):
+            text = _note_text(vm, event)
             if text is not None:
-                self.console.print(f"[dim]vmrun: {text}[/]")
+                self.console.print(Text(f"vmrun: {text}", style="dim"))
         self.live.update(self.table(), refresh=True)
 
     def close(self) -> None:
@@ -165,6 +168,7 @@ class LiveView:
 
     def summary(self, result: Any) -> None:
         from rich.table import Table
+        from rich.text import Text
 
         table = Table(box=None, show_edge=False, pad_edge=False, header_style="bold")
         for column in ("VM", "OUTCOME", "DURATION", "REASON"):
@@ -172,9 +176,12 @@ class LiveView:
         styles = {"ok": "green", "failed": "bold red", "stopped": "yellow"}
         for name, outcome, duration, reason in summary_rows(result):
             table.add_row(f"[{self.colour.get(name, 'white')}]{name}[/]",
-                          f"[{styles.get(outcome, 'white')}]{outcome}[/]", duration, reason)
+                          f"[{styles.get(outcome, 'white')}]{outcome}[/]", duration,
+                          Text(reason))  # text from the guest, not markup
         self.console.print()
         self.console.print(table)
+        for warning in result.warnings:
+            self.console.print(Text(f"vmrun: warning: {warning}", style="yellow"))
 
 
 def make(progress: str, names: list[str], quiet: bool) -> View:

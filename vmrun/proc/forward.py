@@ -1,28 +1,25 @@
 """The port forwarder: host TCP ports to guests inside the stack's network namespace.
 
-Run as ``python -m vmrun.forward SPEC_JSON`` by the supervisor, which has already bound
-the listening sockets on the host (so a port in use fails before anything starts) and
-passes them as inherited file descriptors.  The forwarder then enters the stack's network
-namespace: every socket it creates from there on, the ones that connect to guests, lives
-in that namespace, while the inherited listeners stay on the host.  It dies with the
-supervisor (PR_SET_PDEATHSIG).  Each connection is relayed by two threads, one per
-direction, with half-close passed on.
+Run as ``python -m vmrun.proc.forward SPEC`` (a ForwarderSpec, vmrun.protocol) by the
+supervisor, which has already bound the listening sockets on the host (so a port in use
+fails before anything starts) and passes them as inherited file descriptors.  The
+forwarder then enters the stack's network namespace: every socket it creates from there
+on, the ones that connect to guests, lives in that namespace, while the inherited
+listeners stay on the host.  It dies with the supervisor (PR_SET_PDEATHSIG).  Each
+connection is relayed by two threads, one per direction, with half-close passed on.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
 import sys
 import threading
-from typing import Any
 
 from vmrun import _fastsig
-from vmrun.errors import HostError
-from vmrun.manifest import Stack
+from vmrun.protocol import ForwarderSpec
 
 CONNECT_TIMEOUT = 10.0
 
@@ -64,15 +61,15 @@ def _accept_loop(listener: socket.socket, target: tuple[str, int]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    spec: dict[str, Any] = json.loads(argv[1])
+    spec = ForwarderSpec.from_json(argv[1])
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor says when to stop
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    if not _fastsig.set_pdeathsig(signal.SIGTERM, spec["supervisor_pid"]):
+    if not _fastsig.set_pdeathsig(signal.SIGTERM, spec.supervisor_pid):
         return 1
-    listeners = [(socket.socket(fileno=entry["fd"]), (entry["ip"], entry["port"]))
-                 for entry in spec["forwards"]]
-    fd = os.open(spec["netns"], os.O_RDONLY | os.O_CLOEXEC)
+    listeners = [(socket.socket(fileno=entry.fd), (entry.ip, entry.port))
+                 for entry in spec.forwards]
+    fd = os.open(spec.netns, os.O_RDONLY | os.O_CLOEXEC)
     _fastsig.enter_netns(fd)  # before any thread: they all inherit the namespace
     os.close(fd)
     threads = [threading.Thread(target=_accept_loop, args=pair, daemon=True)
@@ -82,30 +79,6 @@ def main(argv: list[str]) -> int:
     print("vmrun forward: ready", file=sys.stderr, flush=True)
     while True:
         signal.pause()
-
-
-# --- the supervisor's side ------------------------------------------------------------
-
-def bind_forwards(stack: Stack) -> list[socket.socket]:
-    """Listening sockets for every forward, bound now: a port in use is exit 3."""
-    listeners: list[socket.socket] = []
-    for vm in stack.vms:
-        for fwd in vm.forward:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((fwd.host_address, fwd.host_port))
-                sock.listen(64)
-            except OSError as exc:
-                sock.close()
-                for other in listeners:
-                    other.close()
-                raise HostError(
-                    f"VM {vm.name}: cannot forward {fwd.host_address}:{fwd.host_port}: "
-                    f"{exc.strerror}",
-                    hint="choose another host port, or stop what uses it") from None
-            listeners.append(sock)
-    return listeners
 
 
 if __name__ == "__main__":

@@ -1,0 +1,127 @@
+"""Faults around a running stack: a full disk, a deleted state directory.  Whatever
+happens to the state directory, the outcome and exit status stay right and no guest is
+left running."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import Up, cmdline, stack_qemus, vmrun, write_stack
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs (the test's own mount), unmounted afterwards."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(directory: Path, leave: int) -> Path:
+    """Fill the filesystem of `directory` up to `leave` free bytes; return the filler."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 65536)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    # give back `leave` bytes
+    size = filler.stat().st_size
+    with open(filler, "r+b") as f:
+        f.truncate(max(0, size - leave))
+    return filler
+
+
+@pytest.mark.timeout(240)
+def test_full_disk_while_a_guest_runs_never_turns_failed_into_ok(guest: Path, tmp_path: Path,
+                                                                  small_disk: Path) -> None:
+    """The console log hits ENOSPC early; the failure marker printed long after must still
+    fail the VM.  The lost log is reported."""
+    manifest = write_stack(tmp_path, guest, {
+        "chatty": {"cmdline": cmdline(say="chatty up", extra="guest.lines=20000"),
+                   "failure": "guest: line 20000$"},
+    }, state_dir=str(small_disk / "state"))
+    filler = fill(small_disk, leave=64 * 1024)  # room to start, not for 20,000 lines
+    up = Up(manifest)
+    try:
+        up.expect("chatty | guest: line 15000", timeout=180)  # console.log is full by now
+        filler.unlink()  # room again, for last-run.json at the end
+        assert up.wait(120) == 1, up.stderr
+    finally:
+        up.kill()
+    data = json.loads((small_disk / "state" / "t" / "last-run.json").read_text())
+    vm = data["vms"]["chatty"]
+    assert vm["outcome"] == "failed" and vm["reason"].startswith("failure pattern matched")
+    assert any("console.log incomplete" in w for w in vm["warnings"]), vm
+    assert "warning: console.log incomplete" in up.output
+    assert not stack_qemus(manifest, ["chatty"])
+
+
+def test_a_directory_vmrun_did_not_make_is_never_touched(guest: Path, tmp_path: Path) -> None:
+    """state_dir = "../shared" and a stack named "data": shared/data holds the user's own
+    files.  clean must not delete them, up must not take them over (nor chmod them)."""
+    shared = tmp_path / "shared"
+    (shared / "data").mkdir(parents=True)
+    (shared / "data" / "thesis.tex").write_text("precious\n")
+    (shared / "data").chmod(0o755)
+    project = tmp_path / "project"
+    project.mkdir()
+    manifest = write_stack(project, guest, {"a": {"cmdline": cmdline()}}, name="data",
+                           state_dir="../shared")
+    for verb in (["clean"], ["up"], ["up", "--detach"], ["down"]):
+        out = vmrun(*verb, str(manifest))
+        assert out.returncode == 3, (verb, out.stderr)
+        assert "was not made by vmrun" in out.stderr
+    assert (shared / "data" / "thesis.tex").read_text() == "precious\n"
+    assert sorted(p.name for p in (shared / "data").iterdir()) == ["thesis.tex"]
+    assert stat.S_IMODE((shared / "data").stat().st_mode) == 0o755
+    # a stack directory vmrun made is cleaned as before
+    other = write_stack(project, guest, {"a": {"cmdline": cmdline()}}, name="mine",
+                        state_dir="../shared")
+    assert vmrun("up", str(other)).returncode == 0
+    assert (shared / "mine" / ".vmrun-stack").exists()
+    assert vmrun("clean", str(other)).returncode == 0
+    assert not (shared / "mine").exists()
+
+
+@pytest.mark.timeout(120)
+def test_full_disk_while_preparing_is_exit_3_with_nothing_half_written(guest: Path,
+                                                                       tmp_path: Path) -> None:
+    # A short mount point, so that the VM's embedded root lives in the state directory
+    # itself (on the small disk) and gets its copy of QEMU's capabilities (~200 kB) there.
+    mount = Path(tempfile.mkdtemp(prefix="vr", dir="/tmp"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
+    try:
+        manifest = write_stack(tmp_path, guest, {"a": {"cmdline": cmdline()}},
+                               state_dir=str(mount))
+        assert vmrun("up", str(manifest)).returncode == 0  # warm: capabilities cached
+        root = mount / "t" / "vms" / "a" / "root"
+        assert not root.is_symlink()
+        shutil.rmtree(root / "cache")
+        fill(mount, leave=64 * 1024)
+        out = vmrun("up", str(manifest))
+        assert out.returncode == 3, out.stderr
+        assert "No space left on device" in out.stderr and "Traceback" not in out.stderr
+        leftovers = [p.name for p in (root / "cache" / "qemu").glob("*")] \
+            if (root / "cache" / "qemu").exists() else []
+        assert leftovers == [], leftovers  # no half-copied capabilities
+        assert not stack_qemus(manifest, ["a"])
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+        mount.rmdir()

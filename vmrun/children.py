@@ -1,0 +1,168 @@
+"""The supervisor's children: starting them, hearing from them, reaping them.
+
+Exactly one place reaps: `reap()`, which takes what the SIGCHLD handler of
+`vmrun._fastsig` collected (waitpid(-1, WNOHANG) in C, for every exited child at once:
+drivers, the forwarder, and the QEMUs that re-parent here because the supervisor is a
+child subreaper).  An exit can be reaped before its pid is known here (a child that dies
+at once, a QEMU whose driver has not reported it yet): such exits are remembered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vmrun import _fastsig, procs
+from vmrun import protocol as p
+from vmrun.layout import VMPaths
+from vmrun.spawn import spawn
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+EVENT_FD = 3  # a driver's event pipe, in the driver
+
+
+@dataclass
+class Child:
+    """A driver process (for a VM, or the one-off capabilities probe)."""
+
+    name: str  # the VM's; "" for the probe
+    pid: int
+    fd: int  # read end of its event pipe
+    command_fd: int  # write end of its command pipe (its stdin)
+    paths: VMPaths
+    reader: p.LineReader = field(default_factory=p.LineReader)
+    eof: bool = False
+    status: int | None = None  # raw wait status once reaped
+    state: p.VMState = p.VMState.STARTING
+    qemu_pid: int | None = None
+    running_at: float | None = None
+    ended_at: float | None = None
+    result: p.Result | None = None
+    probed: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.eof and self.status is not None
+
+    def command(self, command: p.Command) -> None:
+        """Send a command to the driver; a driver that is gone cannot take it."""
+        if self.command_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self.command_fd, p.encode(command))
+
+    def close_commands(self) -> None:
+        if self.command_fd >= 0:
+            os.close(self.command_fd)
+            self.command_fd = -1
+
+    def read(self) -> list[p.DriverEvent]:
+        """The events the driver has sent so far (non-blocking); notes EOF (the caller
+        closes `fd` then)."""
+        events: list[p.DriverEvent] = []
+        while not self.eof:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                break
+            if not data:
+                self.eof = True
+                break
+            for line in self.reader.feed(data):
+                with contextlib.suppress(p.ProtocolError):
+                    events.append(p.decode_event(line))
+        return events
+
+
+class Children:
+    def __init__(self, lock_fd: int = -1) -> None:
+        self.lock_fd = lock_fd  # the stack's lock: drivers hold it while they live
+        self.by_pid: dict[int, Child] = {}
+        self.exits: dict[int, int] = {}  # pid -> raw status, for pids not (yet) known
+        self.qemu_pids: set[int] = set()
+
+    def spawn_driver(self, name: str, argv: Sequence[str], paths: VMPaths, log: Path) -> Child:
+        """Start a driver with its event pipe on fd 3 and its command pipe on stdin."""
+        event_r, event_w = os.pipe2(os.O_CLOEXEC)
+        command_r, command_w = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(event_r, False)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env.pop("PYTHONSTARTUP", None)
+        env["LIBVIRT_LOG_OUTPUTS"] = f"3:file:{log}"
+        fds = {0: command_r, EVENT_FD: event_w}
+        if self.lock_fd >= 0:
+            fds[self.lock_fd] = self.lock_fd
+        try:
+            pid = spawn([sys.executable, "-m", "vmrun.proc.driver", *argv],
+                        fds=fds, env=env, log=log,
+                        hold=FORWARDED, registered=_fastsig.register_process)
+        except BaseException:
+            for fd in (event_r, command_w):
+                os.close(fd)
+            raise
+        finally:
+            os.close(event_w)
+            os.close(command_r)
+        child = Child(name=name, pid=pid, fd=event_r, command_fd=command_w, paths=paths)
+        self.by_pid[pid] = child
+        if pid in self.exits:  # it exited before we got here
+            child.status = self.exits.pop(pid)
+        return child
+
+    def spawn_other(self, argv: Sequence[str], fds: dict[int, int], log: Path) -> int:
+        """Start a helper process (the forwarder); its exit is in `exits` when reaped."""
+        return spawn([sys.executable, "-m", *argv], fds=fds, env=os.environ, log=log)
+
+    def reap(self) -> None:
+        for pid, status in _fastsig.reap():
+            child = self.by_pid.get(pid)
+            if child is not None:
+                child.status = status
+                child.ended_at = time.time()
+            elif pid in self.qemu_pids:
+                self.qemu_pids.discard(pid)
+            else:
+                self.exits[pid] = status
+
+    def qemu_started(self, pid: int) -> None:
+        if pid in self.exits:
+            del self.exits[pid]  # already gone and reaped
+        else:
+            self.qemu_pids.add(pid)
+
+    def kill_qemu(self, child: Child) -> None:
+        """Kill the QEMU of a driver that is gone (checked to be that VM's QEMU)."""
+        for pid in {child.qemu_pid, procs.read_pid(child.paths.pidfile)}:
+            if pid and procs.is_qemu_of(pid, child.paths.root):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                self.qemu_pids.add(pid)
+
+    def forget(self, child: Child) -> None:
+        _fastsig.unregister_process(child.pid)
+        child.close_commands()
+
+    def settle_qemus(self) -> bool:
+        """Drop QEMUs that are gone; True when none is left to be reaped."""
+        self.qemu_pids = {pid for pid in self.qemu_pids if procs.alive(pid)}
+        return not self.qemu_pids
+
+
+def describe_status(status: int | None) -> str:
+    if status is None:
+        return "unknown status"
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        try:
+            return f"killed by {signal.Signals(signum).name}"
+        except ValueError:
+            return f"killed by signal {signum}"
+    if os.WIFEXITED(status):
+        return f"exit status {os.WEXITSTATUS(status)}"
+    return f"wait status {status}"

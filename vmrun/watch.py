@@ -1,0 +1,177 @@
+"""The rules that decide a VM's outcome, without libvirt, QEMU or a clock of their own.
+
+A `Watch` is fed what happens to one guest (console lines, a crash, stop requests, the
+passing of time as a monotonic `now`) and answers with actions for its driver to carry
+out (destroy the guest, press its power button, report readiness or stopping).  When
+the guest has stopped, `outcome()` says how the run ended.  The driver is a thin shell
+around it; the rules are tested in milliseconds, on any machine (tests/test_watch.py).
+
+The rules:
+* The first decision wins: a panic, the failure pattern, `timeout` and `ready_timeout`
+  decide "failed" and destroy the guest at once; a stop request decides "stopped".
+* A stop request presses the ACPI power button, again every POWER_BUTTON_REPEAT seconds
+  (a press before the guest's ACPI driver is up is lost), and destroys the guest after
+  its timeout; a second request, or a timeout of 0, destroys it at once.
+* A guest that powers off by itself is "ok", unless a `success` pattern never showed.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from vmrun.protocol import Outcome
+
+# The kernel's own message; reported as the outcome "panic" as soon as it is seen.
+PANIC_PATTERN = r"Kernel panic - not syncing"
+POWER_BUTTON_REPEAT = 1.0  # seconds between ACPI power-button presses while stopping
+
+Matcher = Callable[[str], bool]
+
+
+def regex_matcher(pattern: str | None) -> Matcher | None:
+    if pattern is None:
+        return None
+    compiled = re.compile(pattern)
+    return lambda line: compiled.search(line) is not None
+
+
+@dataclass(frozen=True)
+class Rules:
+    success: Matcher | None = None
+    failure: Matcher | None = None
+    ready: Matcher | None = None  # None: ready as soon as it runs
+    timeout: float | None = None  # seconds from start to a forced "failed"
+    ready_timeout: float = 0.0  # 0: no limit
+    panic: Matcher | None = regex_matcher(PANIC_PATTERN)
+
+
+class Action(enum.Enum):
+    DESTROY = "destroy"
+    PRESS_POWER_BUTTON = "press"
+    REPORT_READY = "ready"
+    REPORT_STOPPING = "stopping"  # the reason is `Watch.decision`'s
+
+
+class Stopped(enum.Enum):
+    """How libvirt says the domain stopped."""
+
+    SHUTDOWN = "shutdown"  # the guest powered off
+    DESTROYED = "destroyed"
+    OTHER = "other"  # QEMU crashed or failed
+
+
+class Watch:
+    def __init__(self, rules: Rules) -> None:
+        self.rules = rules
+        self.decision: tuple[Outcome, str] | None = None
+        self.success_seen = False
+        self.ready = False
+        self.deadline: float | None = None
+        self.ready_deadline: float | None = None
+        self.stop_deadline: float | None = None
+        self.next_press: float | None = None
+        self.stop_requests = 0
+
+    def _decide(self, outcome: Outcome, reason: str) -> None:
+        if self.decision is None:
+            self.decision = (outcome, reason)
+
+    def _fail(self, reason: str) -> list[Action]:
+        self._decide(Outcome.FAILED, reason)
+        self.ready_deadline = None
+        return [Action.DESTROY]
+
+    def start(self, now: float) -> list[Action]:
+        """The guest runs its first instruction now."""
+        if self.rules.timeout:
+            self.deadline = now + self.rules.timeout
+        if self.rules.ready is None:
+            return self._mark_ready()
+        if self.rules.ready_timeout:
+            self.ready_deadline = now + self.rules.ready_timeout
+        return []
+
+    def _mark_ready(self) -> list[Action]:
+        self.ready = True
+        self.ready_deadline = None
+        return [Action.REPORT_READY]
+
+    def console(self, line: str) -> list[Action]:
+        if self.decision is not None:
+            return []
+        rules = self.rules
+        actions: list[Action] = []
+        if rules.panic is not None and rules.panic(line):
+            return self._fail("panic")
+        if rules.failure is not None and rules.failure(line):
+            return self._fail(f"failure pattern matched: {line.strip()[:120]}")
+        if rules.success is not None and rules.success(line):
+            self.success_seen = True
+        if not self.ready and rules.ready is not None and rules.ready(line):
+            actions += self._mark_ready()
+        return actions
+
+    def crashed(self) -> list[Action]:
+        """libvirt reports a guest panic (pvpanic)."""
+        if self.decision is not None:
+            return [Action.DESTROY]
+        return self._fail("panic")
+
+    def stop(self, reason: str, timeout: float, now: float) -> list[Action]:
+        """First request: ACPI power button, destroy after `timeout`; next: destroy now."""
+        self.stop_requests += 1
+        self._decide(Outcome.STOPPED, reason)
+        self.ready_deadline = None
+        if self.stop_requests == 1 and timeout > 0:
+            self.stop_deadline = now + timeout
+            self.next_press = now + POWER_BUTTON_REPEAT
+            return [Action.REPORT_STOPPING, Action.PRESS_POWER_BUTTON]
+        self.stop_deadline = self.next_press = None
+        return [Action.DESTROY]
+
+    def destroy(self, reason: str) -> list[Action]:
+        self._decide(Outcome.STOPPED, reason)
+        self.stop_deadline = self.next_press = self.ready_deadline = None
+        return [Action.DESTROY]
+
+    def press_failed(self) -> list[Action]:
+        """The power button could not be pressed: destroy instead."""
+        self.stop_deadline = self.next_press = None
+        return [Action.DESTROY]
+
+    def next_deadline(self) -> float | None:
+        times = [t for t in (self.deadline, self.ready_deadline, self.stop_deadline,
+                             self.next_press) if t is not None]
+        return min(times) if times else None
+
+    def tick(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        if self.deadline is not None and now >= self.deadline:
+            self.deadline = None
+            if self.decision is None:
+                actions += self._fail(f"timeout after {self.rules.timeout:g}s")
+        if self.ready_deadline is not None and now >= self.ready_deadline:
+            self.ready_deadline = None
+            actions += self._fail(f"not ready after {self.rules.ready_timeout:g}s")
+        if self.stop_deadline is not None and now >= self.stop_deadline:
+            self.stop_deadline = self.next_press = None
+            actions.append(Action.DESTROY)
+        elif self.next_press is not None and now >= self.next_press:
+            self.next_press = now + POWER_BUTTON_REPEAT
+            actions.append(Action.PRESS_POWER_BUTTON)
+        return actions
+
+    def outcome(self, how: Stopped) -> tuple[Outcome, str]:
+        """How the run ended, once the domain has stopped (after the last console line)."""
+        if self.decision is not None:
+            return self.decision
+        if how is Stopped.SHUTDOWN:
+            if self.rules.success is not None and not self.success_seen:
+                return Outcome.FAILED, "success pattern missing"
+            return Outcome.OK, ""
+        if how is Stopped.DESTROYED:
+            return Outcome.FAILED, "destroyed from outside"
+        return Outcome.FAILED, "crashed"

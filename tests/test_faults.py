@@ -4,9 +4,12 @@ left running."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Up, cmdline, stack_qemus, vmrun, write_stack
+from conftest import Up, cmdline, stack_qemus, vmrun, wait_until, write_stack
 
 
 @pytest.fixture
@@ -125,3 +128,60 @@ def test_full_disk_while_preparing_is_exit_3_with_nothing_half_written(guest: Pa
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
         mount.rmdir()
+
+
+def descendants(root_pid: int) -> list[int]:
+    """Every live descendant of `root_pid`, from /proc (parents before children)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [], [root_pid]
+    while frontier:
+        children = [pid for pid, ppid in parents.items() if ppid in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+@pytest.mark.timeout(600)
+def test_whole_tree_sigkill_leaves_no_guest(guest: Path, tmp_path: Path) -> None:
+    """20 times: kill -9 the supervisor and every vmrun process under it at once, in a
+    random order; within 2 s no QEMU of the stack is left (the kernel ends the stack's
+    PID namespace with its init)."""
+    manifest = write_stack(tmp_path, guest, {
+        "one": {"cmdline": cmdline(action="hang")},
+        "two": {"cmdline": cmdline(action="hang")},
+    })
+    names = ["one", "two"]
+    rng = random.Random(20261126)
+    for attempt in range(20):
+        up = Up(manifest, "--quiet")
+        try:
+            wait_until(lambda: len(stack_qemus(manifest, names)) == 2, timeout=120,
+                       interval=0.02)
+            tree = [up.proc.pid] + [pid for pid in descendants(up.proc.pid)
+                                    if b"qemu-system" not in _cmdline(pid)]
+            assert len(tree) >= 4, tree  # supervisor, the namespace's init, two drivers
+            rng.shuffle(tree)
+            for pid in tree:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            took = wait_until(lambda: not stack_qemus(manifest, names), timeout=2)
+            print(f"attempt {attempt}: QEMUs gone {took:.2f}s after killing {len(tree)} "
+                  "processes")
+        finally:
+            up.kill()
+    assert vmrun("down", str(manifest)).returncode == 0
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""

@@ -43,6 +43,7 @@ cdef extern from "<signal.h>" nogil:
 
     int sigaction(int signum, const sigaction_t *act, sigaction_t *oldact)
     int sigemptyset(sigset_t *s)
+    int sigfillset(sigset_t *s)
     int sigaddset(sigset_t *s, int signum)
     int sigismember(const sigset_t *s, int signum)
     int pthread_sigmask(int how, const sigset_t *s, sigset_t *oldset)
@@ -62,7 +63,11 @@ cdef extern from "<sys/prctl.h>" nogil:
 
 cdef extern from "<unistd.h>" nogil:
     ssize_t write(int fd, const void *buf, size_t count)
+    ssize_t read(int fd, void *buf, size_t count)
     pid_t getppid()
+    void _exit(int status)
+    int close_range(unsigned int first, unsigned int last, int flags)
+    int dup2(int oldfd, int newfd)
 
 cdef extern from "<fcntl.h>" nogil:
     enum:
@@ -74,4 +79,31 @@ cdef extern from "<fcntl.h>" nogil:
 
 cdef extern from "<sched.h>" nogil:
     int setns(int fd, int nstype)
-    enum: CLONE_NEWNET
+    int unshare(int flags)
+    enum:
+        CLONE_NEWNET
+        CLONE_NEWPID
+        CLONE_NEWNS
+
+# For namespaces.pxi (the init of a stack's PID namespace and a driver's own /proc).
+cdef extern from "<sys/mount.h>" nogil:
+    enum:
+        MS_REC
+        MS_PRIVATE
+        MS_NOSUID
+        MS_NODEV
+        MS_NOEXEC
+    int mount(const char *source, const char *target, const char *fstype,
+              unsigned long flags, const void *data)
+
+cdef extern from "<sys/signalfd.h>" nogil:
+    enum: SFD_CLOEXEC
+    int signalfd(int fd, const sigset_t *mask, int flags)
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    enum: POLLIN
+    int poll(pollfd *fds, unsigned long nfds, int timeout)

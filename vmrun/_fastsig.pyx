@@ -407,3 +407,6 @@ def take_signals():
     finally:
         _restore_mask(&oldmask)
     return out
+
+
+include "_fastsig_ns.pxi"

@@ -21,6 +21,7 @@ from pathlib import Path
 from vmrun import _fastsig, procs
 from vmrun import protocol as p
 from vmrun.layout import VMPaths
+from vmrun.pidns import PidNamespace
 from vmrun.spawn import spawn
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -82,6 +83,7 @@ class Child:
 class Children:
     def __init__(self, lock_fd: int = -1) -> None:
         self.lock_fd = lock_fd  # the stack's lock: drivers hold it while they live
+        self.pidns: PidNamespace | None = None  # where children are born, if anywhere
         self.by_pid: dict[int, Child] = {}
         self.exits: dict[int, int] = {}  # pid -> raw status, for pids not (yet) known
         self.qemu_pids: set[int] = set()
@@ -99,9 +101,10 @@ class Children:
         if self.lock_fd >= 0:
             fds[self.lock_fd] = self.lock_fd
         try:
-            pid = spawn([sys.executable, "-m", "vmrun.proc.driver", *argv],
-                        fds=fds, env=env, log=log,
-                        hold=FORWARDED, registered=_fastsig.register_process)
+            with self.born_inside():
+                pid = spawn([sys.executable, "-m", "vmrun.proc.driver", *argv],
+                            fds=fds, env=env, log=log,
+                            hold=FORWARDED, registered=_fastsig.register_process)
         except BaseException:
             for fd in (event_r, command_w):
                 os.close(fd)
@@ -117,7 +120,17 @@ class Children:
 
     def spawn_other(self, argv: Sequence[str], fds: dict[int, int], log: Path) -> int:
         """Start a helper process (the forwarder); its exit is in `exits` when reaped."""
-        return spawn([sys.executable, "-m", *argv], fds=fds, env=os.environ, log=log)
+        with self.born_inside():
+            return spawn([sys.executable, "-m", *argv], fds=fds, env=os.environ, log=log)
+
+    def born_inside(self) -> contextlib.AbstractContextManager[None]:
+        return self.pidns.entered() if self.pidns else contextlib.nullcontext()
+
+    @property
+    def parent_pid(self) -> int:
+        """The supervisor's pid as its children see it: 0 from inside a PID namespace
+        (the parent is outside it), for their parent-death checks."""
+        return 0 if self.pidns else os.getpid()
 
     def reap(self) -> None:
         for pid, status in _fastsig.reap():
@@ -138,7 +151,8 @@ class Children:
 
     def kill_qemu(self, child: Child) -> None:
         """Kill the QEMU of a driver that is gone (checked to be that VM's QEMU)."""
-        for pid in {child.qemu_pid, procs.read_pid(child.paths.pidfile)}:
+        candidates = {child.qemu_pid, procs.read_pid(child.paths.pidfile)}
+        for pid in candidates | set(procs.qemus_of(child.paths.root)):
             if pid and procs.is_qemu_of(pid, child.paths.root):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)

@@ -54,6 +54,11 @@ def is_qemu_of(pid: int, root: Path) -> bool:
     return b"qemu" in cmd and _under(root) in cmd and alive(pid)
 
 
+def qemus_of(root: Path) -> list[int]:
+    """Live QEMUs started for the embedded root `root` (pids as this process sees them)."""
+    return [pid for pid in all_pids() if is_qemu_of(pid, root)]
+
+
 def all_pids() -> Iterable[int]:
     return (int(entry) for entry in os.listdir("/proc") if entry.isdigit())
 

@@ -66,6 +66,7 @@ class DriverSpec(Message):
     timeout: float | None = None
     ready_timeout: float = 0.0
     netns: str | None = None
+    own_proc: bool = False  # in the stack's PID namespace: mount a /proc of its own
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +77,7 @@ class ProbeSpec(Message):
     emulator: str
     virttype: str  # "kvm" or "qemu"
     supervisor_pid: int
+    own_proc: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

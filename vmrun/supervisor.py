@@ -47,6 +47,7 @@ from vmrun.children import FORWARDED, Child, Children, describe_status
 from vmrun.errors import EXIT_FAILED, EXIT_OK, HostError
 from vmrun.layout import VMPaths
 from vmrun.manifest import VM, Stack
+from vmrun.pidns import PidNamespace
 from vmrun.results import RunResult, VMResult, addresses_of, iso_time
 from vmrun.scheduler import NeverStarted, Scheduler
 
@@ -103,6 +104,7 @@ class Supervisor:
                 raise HostError(f"cannot prepare the stack's state in {self.paths.dir}: "
                                 f"{exc.strerror or exc}",
                                 hint="free some space (or fix the permissions)") from None
+            self.children.pidns = PidNamespace.create()
             server = control.ControlServer(self.paths, self.selector, self.control_request)
             wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self.selector.register(wake_r, selectors.EVENT_READ,
@@ -117,6 +119,7 @@ class Supervisor:
                 os.close(wake_w)
                 os.close(wake_r)
         finally:
+            self.end_namespace()
             if server is not None:
                 server.close()  # `vmrun down` clients return when they see this EOF
             for sock in listeners:
@@ -124,6 +127,14 @@ class Supervisor:
             netns.teardown(self.stack.state_dir)
             cgroups.remove(self.paths.vm(vm.name).root for vm in self.stack.vms)
             os.close(lock_fd)
+
+    def end_namespace(self) -> None:
+        """Whatever is still in the stack's PID namespace dies with its init."""
+        pidns, self.children.pidns = self.children.pidns, None
+        if pidns is not None:
+            pidns.close()
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pidns.init_pid, 0)  # unless the SIGCHLD handler had it
 
     def prepare(self) -> dict[str, list[disks.Attachment]]:
         """What must exist before the reaper is installed (this may run subprocesses).
@@ -150,7 +161,8 @@ class Supervisor:
         self.listener("", p.Probing(), None)
         spec = p.ProbeSpec(root=str(paths.root), emulator=the_host.qemu,
                            virttype="kvm" if the_host.accel.name == "kvm" else "qemu",
-                           supervisor_pid=os.getpid())
+                           supervisor_pid=self.children.parent_pid,
+                           own_proc=self.children.pidns is not None)
         child = self.children.spawn_driver("", ["probe", spec.to_json()], paths,
                                            self.paths.probe_log)
         self.watch_child(child)
@@ -194,9 +206,12 @@ class Supervisor:
         child.state = p.next_state(child.state, event)
         if isinstance(event, p.Running):
             child.running_at = time.time()
-            if event.pid is not None:
-                child.qemu_pid = event.pid
-                self.children.qemu_started(event.pid)
+            # The driver's pid may be its PID namespace's: find QEMU as we see it.
+            found = procs.qemus_of(child.paths.root) if self.children.pidns else \
+                [event.pid] if event.pid is not None else []
+            if found:
+                child.qemu_pid = found[0]
+                self.children.qemu_started(found[0])
         elif isinstance(event, p.Ready):
             self.scheduler.on_ready(child.name)
         elif isinstance(event, p.Result):
@@ -275,8 +290,9 @@ class Supervisor:
             console_socket=str(paths.console_socket), attach_socket=str(paths.attach_socket),
             console_log=str(paths.console_log), success=vm.success, failure=vm.failure,
             timeout=vm.timeout, ready=vm.ready, ready_timeout=vm.ready_timeout,
-            stop_timeout=self.stack.stop_timeout, supervisor_pid=os.getpid(),
-            netns=str(self.netns_path) if vm.networks and self.netns_path else None)
+            stop_timeout=self.stack.stop_timeout, supervisor_pid=self.children.parent_pid,
+            netns=str(self.netns_path) if vm.networks and self.netns_path else None,
+            own_proc=self.children.pidns is not None)
         child = self.children.spawn_driver(vm.name, ["run", spec.to_json()], paths,
                                            paths.driver_log)
         self.drivers[vm.name] = child
@@ -294,7 +310,7 @@ class Supervisor:
             forwards.append(p.ForwardTarget(fd=3 + number, ip=str(vm.addresses[0].ip),
                                             port=fwd.guest_port))
         spec = p.ForwarderSpec(netns=str(self.netns_path), forwards=tuple(forwards),
-                               supervisor_pid=os.getpid())
+                               supervisor_pid=self.children.parent_pid)
         self.paths.forward_log.write_bytes(b"")
         return self.children.spawn_other(["vmrun.proc.forward", spec.to_json()], fds,
                                          self.paths.forward_log)

@@ -291,14 +291,15 @@ def enter_netns(path: str) -> None:
 def main(argv: list[str]) -> int:
     global libvirt
     spec: p.DriverSpec | p.ProbeSpec
-    if argv[1] == "probe":
-        spec = p.ProbeSpec.from_json(argv[2])
-    else:
-        spec = p.DriverSpec.from_json(argv[2])
-        if spec.netns:
-            # Before any thread and before libvirt: QEMU and its taps then live in the
-            # stack's private network namespace.
-            enter_netns(spec.netns)
+    spec = p.ProbeSpec.from_json(argv[2]) if argv[1] == "probe" else \
+        p.DriverSpec.from_json(argv[2])
+    if spec.own_proc:
+        # Born in the stack's PID namespace: libvirt must see its pids in /proc.
+        _fastsig.private_proc()
+    if isinstance(spec, p.DriverSpec) and spec.netns:
+        # Before any thread and before libvirt: QEMU and its taps then live in the
+        # stack's private network namespace.
+        enter_netns(spec.netns)
     libvirt = importlib.import_module("libvirt")
 
     events = Events(EVENT_FD)

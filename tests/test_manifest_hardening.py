@@ -476,3 +476,38 @@ def test_copies_report_a_problem_once(files: Path) -> None:
     assert [p.message for p in found] == [
         'unknown VM "zz"', 'unknown network "nowhere"',
         "host port 127.0.0.1:80 is already forwarded to a-1", "a forward needs a network"]
+
+
+# --- patterns: RE2 syntax, nothing that needs backtracking ------------------------------
+
+@pytest.mark.parametrize(("key", "pattern", "hint"), [
+    ("success", r"(a)\1", "no backreferences or lookaround"),
+    ("failure", r"(?P<word>\w+) (?P=word)", "no backreferences or lookaround"),
+    ("ready", r"listening(?= on)", "no backreferences or lookaround"),
+    ("success", r"(?<!not )ok", "no backreferences or lookaround"),
+    ("success", r"done\Z", "write $"),
+    ("success", ".{0,300}", "count less"),
+], ids=["backreference", "named-backreference", "lookahead", "lookbehind", "Z", "too-large"])
+def test_patterns_re2_refuses(files: Path, key: str, pattern: str, hint: str) -> None:
+    problem = only(files, KERNEL + f"{key} = '{pattern}'\n", 3, "regular expression")
+    assert problem.key == f"vm.a.{key}"
+    assert problem.expected is not None and "RE2" in problem.expected
+    assert problem.hint is not None and hint in problem.hint
+
+
+def test_backreference_and_lookahead_are_exit_2_with_the_line(files: Path) -> None:
+    path = files / "stack.toml"
+    for pattern in (r"(a)\1", "ok(?=!)"):
+        path.write_text(KERNEL + "timeout = 5\n" + f"success = '{pattern}'\n")
+        assert_cli_error(path, f"{path}:4: vm.a.success: invalid value: expected a regular "
+                         "expression in RE2 syntax (Python `re` syntax without backreferences "
+                         "or lookaround)", files)
+
+
+def test_patterns_re2_accepts(files: Path) -> None:
+    patterns = [r"(a+)+$", r"^guest: \d+ ok$", r"(?i)all ok", r"\x1b\[31mFAIL", r"\pL+ done",
+                r"(?P<n>ready)", r"end\z", ".{0,200}"]
+    text = KERNEL + "".join(f"[vm.p{i}]\nkernel = 'vmlinuz'\nsuccess = '{p}'\n"
+                            for i, p in enumerate(patterns))
+    stack = manifest.loads(text, files / "stack.toml", environ={}, host_memory=1 << 20)
+    assert [vm.success for vm in stack.vms[1:]] == patterns

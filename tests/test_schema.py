@@ -194,7 +194,7 @@ KNOWN_GAPS = [
     ('[vm.a]\nkernel = "vmlinuz"\nmemory = "4096G"\n', "stack.toml", "host memory"),
     ('[vm.a]\nkernel = "vmlinuz"\nmemory = "8M"\n', "stack.toml", "size string below 16M"),
     ('[vm.a]\nkernel = "vmlinuz"\nmemory = "100K"\n', "stack.toml", "not whole MiB"),
-    ('[vm.a]\nkernel = "vmlinuz"\nsuccess = "(("\n', "stack.toml", "Python regex syntax"),
+    ('[vm.a]\nkernel = "vmlinuz"\nsuccess = "(("\n', "stack.toml", "RE2 regex syntax"),
     ('[vm.a]\nkernel = "vmlinuz"\ncpus = 2.0\n', "stack.toml", "2.0 is an integer"),
     ('[vm.a]\nkernel = "vmlinuz"\ntimeout = nan\n', "stack.toml", "nan"),
     ('[vm.a]\nkernel = "vmlinuz"\n', "Bad Name.toml", "name from the file name"),

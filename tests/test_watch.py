@@ -3,8 +3,22 @@ requests and the passing of (fake, monotonic) time in, actions and outcomes out.
 
 from __future__ import annotations
 
+import time
+
+import pytest
+
 from vmrun.protocol import Outcome
-from vmrun.watch import POWER_BUTTON_REPEAT, Action, Rules, Stopped, Watch, regex_matcher
+from vmrun.watch import (
+    MAX_PATTERN_PROGRAM,
+    POWER_BUTTON_REPEAT,
+    Action,
+    PatternError,
+    Rules,
+    Stopped,
+    Watch,
+    compile_pattern,
+    regex_matcher,
+)
 
 
 def watch(success: str | None = None, failure: str | None = None, ready: str | None = None,
@@ -123,3 +137,89 @@ def test_stopped_without_a_decision() -> None:
     w.start(0.0)
     assert w.outcome(Stopped.DESTROYED) == (Outcome.FAILED, "destroyed from outside")
     assert w.outcome(Stopped.OTHER) == (Outcome.FAILED, "crashed")
+
+
+# --- patterns: RE2, matched in linear time ----------------------------------------------
+
+@pytest.mark.parametrize("pattern", [r"(a+)+$", r"(a|aa)+$", r"(.*a){25}$", r"^(\w+\s?)+$"])
+def test_catastrophic_patterns_are_matched_in_linear_time(pattern: str) -> None:
+    hostile = "a" * 5000 + "b!"  # makes Python's backtracking re run for ages
+    match = compile_pattern(pattern)
+    started = time.monotonic()
+    for _ in range(10):
+        assert not match(hostile)
+    assert time.monotonic() - started < 0.5
+
+
+def test_a_catastrophic_success_pattern_leaves_the_timeout_in_force() -> None:
+    w = watch(success="(a+)+$", timeout=15.0)
+    w.start(0.0)
+    started = time.monotonic()
+    assert w.console("a" * 5000 + "b") == []
+    assert time.monotonic() - started < 0.5
+    assert w.tick(15.0) == [Action.DESTROY]
+    assert w.outcome(Stopped.DESTROYED) == (Outcome.FAILED, "timeout after 15s")
+    w = watch(success="(a+)+$")
+    w.start(0.0)
+    w.console("a" * 5000)
+    assert w.outcome(Stopped.SHUTDOWN) == (Outcome.OK, "")
+
+
+@pytest.mark.parametrize(("pattern", "line", "expected"), [
+    ("ALL OK", "tests: ALL OK (12 passed)", True),  # anywhere in the line
+    ("ALL OK", "all ok", False),
+    ("(?i)all ok", "tests: ALL OK", True),
+    ("^guest: ", "guest: booted", True),
+    ("^booted", "guest: booted", False),
+    ("booted$", "guest: booted", True),
+    ("guest$", "guest: booted", False),
+    (r"^\d+ tests? passed$", "12 tests passed", True),
+    (r"^\d+ tests? passed$", "12 tests passed, 1 failed", False),
+    ("a.c", "abc", True),
+    ("a.c", "a\u00e9c", True),  # `.` is a character, not a byte
+    ("caf\u00e9", "un caf\u00e9", True),
+    (r"\x1b\[31m", "\x1b[31mFAIL", True),
+    (r"\bok\b", "it is ok.", True),
+    (r"\bok\b", "okay", False),
+    ("fail(ed|ure)", "test failure", True),
+    ("", "anything", True),
+    ("x*", "", True),
+    (r"\pL+ done", "\u00e9t\u00e9 done", True),
+])
+def test_patterns_search_the_line_as_re_search_does(pattern: str, line: str,
+                                                    expected: bool) -> None:
+    assert compile_pattern(pattern)(line) is expected
+    matcher = regex_matcher(pattern)
+    assert matcher is not None and matcher(line) is expected
+
+
+def test_the_panic_pattern() -> None:
+    panic = Rules().panic
+    assert panic is not None
+    assert panic("[    1.2] Kernel panic - not syncing: VFS: Unable to mount root fs")
+    assert not panic("guest: booted")
+
+
+def test_no_pattern_no_matcher() -> None:
+    assert regex_matcher(None) is None
+
+
+@pytest.mark.parametrize("pattern", [r"(a)\1", r"(?P<x>a)(?P=x)", "a(?=b)", "a(?!b)",
+                                     "(?<=a)b", "(?<!a)b", r"a\Z", "((", "a{1001}"])
+def test_patterns_re2_refuses(pattern: str) -> None:
+    with pytest.raises(PatternError) as info:
+        compile_pattern(pattern)
+    assert info.value.size is None and info.value.reason
+
+
+def test_patterns_too_large_are_refused() -> None:
+    compile_pattern(".{0,200}")
+    with pytest.raises(PatternError) as info:
+        compile_pattern(".{0,300}")
+    assert info.value.size is not None and info.value.size > MAX_PATTERN_PROGRAM
+
+
+def test_re2_prints_nothing_on_a_refused_pattern(capfd: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(PatternError):
+        compile_pattern("((")
+    assert capfd.readouterr() == ("", "")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import math
 import re
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from vmrun.limits import (
     NAME_RE,
     STACK_NAME_MAX,
 )
+from vmrun.watch import MAX_PATTERN_PROGRAM, PatternError, compile_pattern
 
 
 class Invalid(Exception):
@@ -206,17 +206,38 @@ def check_xml_text(value: Any) -> None:
             pending.extend((f"{where}[{i}]", sub) for i, sub in reversed(list(enumerate(item))))
 
 
+RE2_SYNTAX = "RE2 syntax (Python `re` syntax without backreferences or lookaround)"
+_LOOKAROUND = ("(?=", "(?!", "(?<=", "(?<!")
+
+
+def _pattern_hint(pattern: str, exc: PatternError) -> str:
+    if exc.size is not None:
+        return ("large counted repetitions (.{0,300}, \\w{1000}) and Unicode classes (\\pL) "
+                "make large programs: count less, or use * and + instead")
+    reason = exc.reason
+    if any(f"operator: {op}" in reason for op in _LOOKAROUND) or "(?P=" in pattern or any(
+            f"escape sequence: \\{digit}" in reason for digit in "123456789"):
+        return ("patterns are matched in linear time, without backtracking, so there are "
+                "no backreferences or lookaround: match the text itself instead")
+    if "escape sequence: \\Z" in reason:
+        return "write $ (or \\z) for the end of the line"
+    return "RE2's syntax: https://github.com/google/re2/wiki/Syntax"
+
+
 def regex(value: Any, ctx: Context) -> str:
+    """A pattern for console lines: it must compile with RE2, as the driver matches it
+    (vmrun/watch.py), within the size that keeps a match cheap."""
     if not isinstance(value, str) or not value:
-        raise Invalid("a non-empty regular expression (Python syntax)")
+        raise Invalid(f"a non-empty regular expression in {RE2_SYNTAX}")
     try:
-        with warnings.catch_warnings():  # "Possible nested set" and the like: not errors
-            warnings.simplefilter("ignore")
-            re.compile(value)
-    except re.error as exc:
-        raise Invalid(f"a valid regular expression ({exc})") from None
-    except (OverflowError, RecursionError, ValueError) as exc:  # a{99999999999}, ((((...
-        raise Invalid(f"a valid regular expression ({exc})") from None
+        compile_pattern(value)
+    except PatternError as exc:
+        if exc.size is not None:
+            expected = (f"a regular expression of at most {MAX_PATTERN_PROGRAM} RE2 "
+                        f"instructions (this one has {exc.size})")
+        else:
+            expected = f"a regular expression in {RE2_SYNTAX}; RE2 says: {exc.reason}"
+        raise Invalid(expected, hint=_pattern_hint(value, exc)) from None
     return value
 
 

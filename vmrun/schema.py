@@ -3,7 +3,7 @@
 Every key, type, bound and pattern comes from `vmrun.manifest` (`STACK_SETTINGS`,
 `VM_SETTINGS`, `STACK_TABLES`, `NAME_RE`, the limits), so the schema cannot drift from
 what `vmrun check` accepts.  What JSON Schema cannot say (files must exist, memory at most
-the host's, regexes in Python syntax, ...) is listed in docs/schema.md.
+the host's, regexes in RE2 syntax, ...) is listed in docs/schema.md.
 """
 
 from __future__ import annotations

@@ -109,14 +109,16 @@ VM_SETTINGS: tuple[Setting, ...] = (
             "counts as failed (reason: timeout). Default: no limit.", schema=_SECONDS_SCHEMA),
     Setting("success", "regex", None, convert.regex,
             "The guest counts as ok only if a console line matched this regular "
-            "expression before it stopped.", schema=_REGEX_SCHEMA),
+            "expression (RE2 syntax: Python's without backreferences or lookaround; "
+            "searched anywhere in the line, in linear time) before it stopped.",
+            schema=_REGEX_SCHEMA),
     Setting("failure", "regex", None, convert.regex,
-            "A console line matching this regular expression makes the guest failed at "
-            "once (it is destroyed).", schema=_REGEX_SCHEMA),
+            "A console line matching this regular expression (RE2 syntax) makes the "
+            "guest failed at once (it is destroyed).", schema=_REGEX_SCHEMA),
     Setting("ready", "regex", None, convert.regex,
             "The VM counts as ready when a console line matches this regular expression "
-            "(`vmrun up --detach --wait` waits for it; `vmrun ps` shows it). Default: "
-            "ready as soon as it runs.", schema=_REGEX_SCHEMA),
+            "(RE2 syntax; `vmrun up --detach --wait` waits for it; `vmrun ps` shows it). "
+            "Default: ready as soon as it runs.", schema=_REGEX_SCHEMA),
     Setting("ready_timeout", "number", 120.0, convert.seconds,
             "Seconds after the start a VM with a `ready` pattern may take to become "
             "ready; after that it is destroyed and counts as failed (reason: not ready).",

@@ -13,14 +13,19 @@ The rules:
   (a press before the guest's ACPI driver is up is lost), and destroys the guest after
   its timeout; a second request, or a timeout of 0, destroys it at once.
 * A guest that powers off by itself is "ok", unless a `success` pattern never showed.
+
+Patterns are RE2 expressions (`compile_pattern`): RE2 does not backtrack, so a line costs
+time linear in its length whatever the pattern, and no pattern and line can pin the
+driver's loop and keep its deadlines from firing.
 """
 
 from __future__ import annotations
 
 import enum
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import re2
 
 from vmrun.protocol import Outcome
 
@@ -28,14 +33,50 @@ from vmrun.protocol import Outcome
 PANIC_PATTERN = r"Kernel panic - not syncing"
 POWER_BUTTON_REPEAT = 1.0  # seconds between ACPI power-button presses while stopping
 
+# The largest RE2 program (instructions, forward or reverse) a pattern may compile to.  A
+# match costs at most about program size x line length steps; this bounds a line of 16 KiB
+# to about 0.15 s in the worst case (a DFA that blows up, e.g. `a[ab]{990}c`), while
+# `\pL` (1,200) or `.{0,200}` (1,800) still fit.
+MAX_PATTERN_PROGRAM = 2000
+
 Matcher = Callable[[str], bool]
 
 
+class PatternError(ValueError):
+    """RE2 refuses the pattern, or its program is larger than MAX_PATTERN_PROGRAM."""
+
+    def __init__(self, reason: str, size: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.size = size  # the program's size, when that is what is wrong
+
+
+_OPTIONS = re2.Options()
+_OPTIONS.log_errors = False  # RE2 would also print its message on stderr
+_OPTIONS.never_capture = True  # only "is there a match" is asked: no groups to track
+
+
+def compile_pattern(pattern: str) -> Matcher:
+    """A matcher that searches a line for `pattern` anywhere, as `re.search` does, with
+    RE2 (no backtracking): raises PatternError if RE2 refuses it or it is too large."""
+    try:
+        compiled = re2.compile(pattern, _OPTIONS)
+    except re2.error as exc:
+        message = exc.args[0] if exc.args else "invalid pattern"
+        if isinstance(message, bytes):
+            message = message.decode("utf-8", "replace")
+        raise PatternError(str(message)) from None
+    size = max(compiled.programsize, compiled.reverseprogramsize)
+    if size > MAX_PATTERN_PROGRAM:
+        raise PatternError(f"pattern too large: {size} RE2 instructions, at most "
+                           f"{MAX_PATTERN_PROGRAM}", size=size)
+    # Console lines are decoded with "replace", so encoding them cannot fail; RE2 takes
+    # the bytes as they are (no character offsets to compute for a yes-or-no answer).
+    return lambda line: compiled.search(line.encode("utf-8", "replace")) is not None
+
+
 def regex_matcher(pattern: str | None) -> Matcher | None:
-    if pattern is None:
-        return None
-    compiled = re.compile(pattern)
-    return lambda line: compiled.search(line) is not None
+    return None if pattern is None else compile_pattern(pattern)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import json
 import os
 import resource
 import selectors
+import shutil
 import socket
 import stat
 import threading
@@ -26,7 +27,7 @@ import pytest
 
 from vmrun import client, control
 from vmrun.control import ControlServer
-from vmrun.layout import StackPaths, short_socket_path
+from vmrun.layout import StackPaths, private_dir, short_socket_path
 
 PS = b'{"cmd": "ps"}\n'
 
@@ -148,11 +149,13 @@ def paths(tmp_path: Path) -> Iterator[StackPaths]:
     """A stack directory whose lock is held, as a running supervisor holds it."""
     paths = StackPaths(tmp_path / "s")
     paths.dir.mkdir(mode=0o700)
+    private_dir(paths.runtime)
     fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     yield paths
     os.close(fd)
+    shutil.rmtree(paths.runtime, ignore_errors=True)
 
 
 @pytest.fixture

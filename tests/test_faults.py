@@ -185,3 +185,39 @@ def _cmdline(pid: int) -> bytes:
             return f.read()
     except OSError:
         return b""
+
+
+@pytest.mark.timeout(240)
+def test_a_running_stack_whose_state_directory_is_deleted(guest: Path, tmp_path: Path) -> None:
+    """The lock and the control socket live outside the state directory: a stack whose
+    state directory is deleted stays findable, `down` shuts it down with ACPI (not as
+    leftovers), and a signal still ends `vmrun up` with 128+N."""
+    manifest = write_stack(tmp_path, guest, {
+        "box": {"cmdline": cmdline(say="box up", action="hang"), "ready": "box up"},
+    })
+    state = tmp_path / ".vmrun" / "t"
+    try:
+        up = vmrun("up", "--detach", "--wait", str(manifest))
+        assert up.returncode == 0, up.stderr
+        shutil.rmtree(state)
+        ps = vmrun("ps", "--json", str(manifest))
+        assert ps.returncode == 0, ps.stderr
+        assert json.loads(ps.stdout)["vms"]["box"]["state"] == "ready"
+        down = vmrun("down", str(manifest))
+        assert down.returncode == 0, down.stderr
+        assert "stopped" in down.stderr and "leftover" not in down.stderr
+        assert not stack_qemus(manifest, ["box"])
+    finally:
+        vmrun("down", "--timeout", "0", str(manifest))
+
+    foreground = Up(manifest)
+    try:
+        foreground.expect("box | box up", timeout=120)
+        shutil.rmtree(state)
+        foreground.proc.send_signal(signal.SIGINT)
+        assert foreground.wait(60) == 130, foreground.stderr
+        assert "Traceback" not in foreground.stderr
+        assert "cannot write" in foreground.stderr  # last-run.json: said, not a crash
+    finally:
+        foreground.kill()
+    assert not stack_qemus(manifest, ["box"])

@@ -40,7 +40,8 @@ def test_detach_ps_logs_down(guest: Path, tmp_path: Path) -> None:
         # the control socket is private
         paths = stack_paths(manifest)
         assert stat.S_IMODE(os.stat(paths.dir).st_mode) == 0o700
-        assert stat.S_IMODE(os.stat(paths.dir / "control.sock").st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(paths.control_socket).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(paths.runtime).st_mode) == 0o700
 
         ps = vmrun("ps", "--json", str(manifest))
         assert ps.returncode == 0, ps.stderr
@@ -81,7 +82,7 @@ def test_detach_ps_logs_down(guest: Path, tmp_path: Path) -> None:
     not_running = vmrun("ps", str(manifest))
     assert not_running.returncode == 1
     assert "not running" in not_running.stderr
-    assert not (stack_paths(manifest).dir / "control.sock").exists()
+    assert not stack_paths(manifest).control_socket.exists()
 
 
 @pytest.mark.timeout(180)
@@ -120,13 +121,13 @@ def test_down_and_clean_after_a_sigkilled_up(guest: Path, tmp_path: Path) -> Non
         wait_until(lambda: not stack_qemus(manifest, ["one"]), timeout=5)
         # leave a stale control socket behind, as a crash would
         wait_until(lambda: client.lock_holder(paths) is None, timeout=10)
-        assert (paths.dir / "control.sock").exists()
+        assert (paths.control_socket).exists()
     finally:
         up.kill()
     ps = vmrun("ps", str(manifest))
     assert ps.returncode == 1  # the stale socket is not trusted ...
     assert "last run did not finish" in ps.stderr  # ... and the killed run is shown as such
-    assert not (paths.dir / "control.sock").exists()  # ... but removed
+    assert not (paths.control_socket).exists()  # ... but removed
     down = vmrun("down", str(manifest))
     assert down.returncode == 0 and "not running" in down.stderr
 

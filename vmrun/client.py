@@ -10,7 +10,6 @@ or connection refused) and removed.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
@@ -19,7 +18,7 @@ from typing import Any
 
 from vmrun import procs
 from vmrun.errors import HostError
-from vmrun.layout import StackPaths, short_socket_path
+from vmrun.layout import StackPaths, remove, short_socket_path
 
 
 class NotRunning(Exception):
@@ -83,8 +82,7 @@ def connect(paths: StackPaths, timeout: float | None = 10.0) -> socket.socket:
 
 
 def remove_stale_socket(paths: StackPaths) -> None:
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-        paths.control_socket.unlink()
+    remove(paths.control_socket)
 
 
 def request(paths: StackPaths, message: dict[str, Any],

@@ -22,13 +22,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from vmrun.layout import StackPaths, short_socket_path
+from vmrun.layout import StackPaths, private_dir, remove, short_socket_path
 
 
 def listen(paths: StackPaths, backlog: int = 16) -> socket.socket:
     """Bind the control socket, mode 0600, non-blocking (the caller holds the stack's lock)."""
-    with contextlib.suppress(FileNotFoundError):
-        paths.control_socket.unlink()
+    private_dir(paths.runtime)
+    remove(paths.control_socket)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         old_umask = os.umask(0o177)
@@ -46,8 +46,7 @@ def listen(paths: StackPaths, backlog: int = 16) -> socket.socket:
 
 
 def _remove_socket(paths: StackPaths) -> None:
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-        paths.control_socket.unlink()
+    remove(paths.control_socket)
 
 
 # --- the server side ----------------------------------------------------------------------

@@ -2,8 +2,6 @@
 
     <state_dir>/<stack>/            mode 0700
         .vmrun-stack                marks a directory vmrun made (nothing else is touched)
-        lock                        held (flock) by the running supervisor; holds its pid
-        control.sock                the running supervisor's control socket (0600)
         last-run.json               outcome of the last run (or of the one running)
         up.log                      the background supervisor's output (`up --detach`)
         forward.log                 the port forwarder's messages
@@ -14,6 +12,10 @@
         vms/<vm>/disk-N.json        what that disk was made from
         vms/<vm>/seed.iso           the cloud-init NoCloud seed
         vms/<vm>/root               libvirt's embedded root (or a link to a short one)
+    <short root base>/stacks/<hash of the stack's directory>/    mode 0700
+        lock                        held (flock) by the running supervisor; holds its pid
+        control.sock                the running supervisor's control socket (0600)
+        state-dir                   the stack's directory, for people
     <root>/
         etc/qemu.conf               written by vmrun
         cache/qemu/capabilities/    QEMU's capabilities (copied from the host's cache)
@@ -25,6 +27,11 @@
 UNIX socket paths are limited to 108 bytes and libvirt puts the QEMU monitor socket
 under the root, so a root whose path would be too long lives in a short directory
 under /run/vmrun (or the user's runtime directory) and is linked from the state dir.
+A running stack's lock and control socket live there too, not in the state directory:
+a stack stays findable (`ps`, `down`) even when its state directory is deleted.
+
+Those directories must be the user's own and private (`private_dir`): a base another
+user could write into (a /tmp directory made first by someone else) is refused.
 
 Runtime names outside the state directory: the stack's network namespace
 (`netns_name`), one bridge per network in it (`bridge_name`), one tap per NIC
@@ -36,6 +43,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +53,43 @@ from pathlib import Path
 ROOT_PATH_MAX = 48
 CONTROL_SOCKET = "control.sock"
 OWNER_FILE = ".vmrun-link"
+
+
+def private_dir(path: Path) -> Path:
+    """Make `path` (mode 0700) if needed and check that it is a directory of this user's
+    that no one else can write to (not a symlink); HostError (exit 3) otherwise.  Like
+    ssh and tmux, refuse rather than write where another user can interfere."""
+    from vmrun.errors import HostError
+
+    with contextlib.suppress(FileExistsError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700)
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise HostError(f"cannot use {path}: {exc.strerror}") from None
+    problem = None
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        problem = "it is not a directory (or is a symbolic link)"
+    elif st.st_uid != os.geteuid():
+        problem = f"it belongs to uid {st.st_uid}, not to you (uid {os.geteuid()})"
+    elif st.st_mode & 0o022:
+        problem = f"others can write to it (mode {stat.S_IMODE(st.st_mode):o})"
+    if problem:
+        raise HostError(f"refusing to use {path}: {problem}",
+                        hint="remove it, or set XDG_RUNTIME_DIR to a directory of your own")
+    return path
+
+
+def remove(path: Path) -> None:
+    """Remove what is at `path` (a file, a socket, a link, or a directory vmrun's stale
+    state left there); nothing there is fine."""
+    try:
+        path.unlink()
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except IsADirectoryError:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def short_root_base() -> Path:
@@ -150,8 +196,14 @@ class StackPaths:
         return self.dir / ".vmrun-stack"
 
     @property
+    def runtime(self) -> Path:
+        """The running stack's own directory outside the state directory."""
+        digest = hashlib.sha256(str(self.dir).encode()).hexdigest()[:16]
+        return short_root_base() / "stacks" / digest
+
+    @property
     def lock(self) -> Path:
-        return self.dir / "lock"
+        return self.runtime / "lock"
 
     def is_ours(self) -> bool:
         """The directory is missing, or vmrun made it (stacks of earlier versions have no
@@ -159,11 +211,11 @@ class StackPaths:
         if not os.path.lexists(self.dir):
             return True
         return self.dir.is_dir() and not self.dir.is_symlink() and (
-            self.marker.exists() or self.lock.exists())
+            self.marker.exists() or (self.dir / "lock").exists())
 
     @property
     def control_socket(self) -> Path:
-        return self.dir / CONTROL_SOCKET
+        return self.runtime / CONTROL_SOCKET
 
     @property
     def last_run(self) -> Path:

@@ -13,7 +13,7 @@ import time
 
 from vmrun import procs
 from vmrun.errors import HostError
-from vmrun.layout import StackPaths
+from vmrun.layout import StackPaths, private_dir, short_root_base
 
 ORPHAN_WAIT = 20.0  # seconds to wait for the drivers of a dead supervisor to end
 
@@ -43,10 +43,13 @@ def claim(paths: StackPaths) -> None:
     """Make the stack's directory (0700, marked as vmrun's); refuse one vmrun did not make."""
     if not paths.is_ours():
         raise not_ours(paths)
+    private_dir(short_root_base())
+    private_dir(paths.runtime)
     try:
         paths.dir.mkdir(parents=True, exist_ok=True)
         paths.dir.chmod(0o700)
         paths.marker.touch()
+        (paths.runtime / "state-dir").write_text(f"{paths.dir}\n")
     except OSError as exc:
         raise HostError(f"the state directory {paths.dir} is unusable: {exc.strerror}",
                         hint="pass --state-dir DIR or set state_dir in the manifest "

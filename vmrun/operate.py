@@ -112,6 +112,8 @@ def clean(stack: Identity) -> list[Path]:
     if paths.dir.exists():
         shutil.rmtree(paths.dir)
         removed.append(paths.dir)
+    if paths.runtime.is_dir():
+        shutil.rmtree(paths.runtime, ignore_errors=True)
     return removed
 
 

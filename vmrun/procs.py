@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from vmrun.layout import StackPaths
+from vmrun.layout import StackPaths, remove
 
 
 def read_pid(path: Path) -> int | None:
@@ -57,6 +56,13 @@ def is_qemu_of(pid: int, root: Path) -> bool:
 def qemus_of(root: Path) -> list[int]:
     """Live QEMUs started for the embedded root `root` (pids as this process sees them)."""
     return [pid for pid in all_pids() if is_qemu_of(pid, root)]
+
+
+def using(path: Path) -> bool:
+    """True when a live process names `path` (or something under it) on its command line:
+    a driver (its spec) or a QEMU of an embedded root."""
+    under = _under(path)
+    return any(under in cmdline(pid) and alive(pid) for pid in all_pids())
 
 
 def all_pids() -> Iterable[int]:
@@ -102,7 +108,6 @@ def clean_runtime(paths: StackPaths, names: Iterable[str],
     kill_and_wait(leftovers, wait)
     for name in names:
         vm = paths.vm(name)
-        shutil.rmtree(vm.run_dir, ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            vm.console_socket.unlink()
+        remove(vm.run_dir)
+        remove(vm.console_socket)
     return leftovers

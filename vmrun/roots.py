@@ -15,9 +15,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from vmrun import host
+from vmrun import host, procs
 from vmrun.errors import HostError
-from vmrun.layout import OWNER_FILE, VMPaths, caps_cache_base, short_root_base
+from vmrun.layout import OWNER_FILE, VMPaths, caps_cache_base, private_dir, short_root_base
 
 QEMU_CONF_ROOT = """\
 # Written by vmrun for its embedded driver root.
@@ -34,36 +34,51 @@ stdio_handler = "file"
 """
 
 
+def write_file(path: Path, data: bytes, append: bool = False) -> None:
+    """Write `path` without following a symbolic link there (O_NOFOLLOW)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (
+        os.O_APPEND if append else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)
+
+
 def write_qemu_conf(paths: VMPaths) -> None:
     paths.qemu_conf.parent.mkdir(parents=True, exist_ok=True)
-    paths.qemu_conf.write_text(QEMU_CONF_ROOT if os.geteuid() == 0 else QEMU_CONF_USER)
+    write_file(paths.qemu_conf,
+               (QEMU_CONF_ROOT if os.geteuid() == 0 else QEMU_CONF_USER).encode())
 
 
 def prepare(paths: VMPaths) -> None:
     """Make the VM's root (or its short root and the link to it) and fresh logs."""
     paths.dir.mkdir(parents=True, exist_ok=True)
     if paths.root != paths.root_link:
-        paths.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(short_root_base())
+        private_dir(paths.root)
         if not paths.root_link.is_symlink() or paths.root_link.readlink() != paths.root:
             if paths.root_link.is_symlink() or paths.root_link.is_file():
                 paths.root_link.unlink()
             elif paths.root_link.is_dir():
                 shutil.rmtree(paths.root_link)
             paths.root_link.symlink_to(paths.root)
-        paths.owner_file.write_text(str(paths.root_link) + "\n")
+        write_file(paths.owner_file, f"{paths.root_link}\n".encode())
     else:
         paths.root.mkdir(parents=True, exist_ok=True, mode=0o700)
     write_qemu_conf(paths)
-    paths.console_log.write_bytes(b"")
-    with open(paths.driver_log, "ab") as log:
-        log.write(f"--- vmrun driver log, {time.ctime()} ---\n".encode())
+    write_file(paths.console_log, b"")
+    write_file(paths.driver_log, f"--- vmrun driver log, {time.ctime()} ---\n".encode(),
+               append=True)
 
 
 def collect_garbage() -> list[Path]:
     """Remove short roots whose VM state directory is gone (deleted without `vmrun clean`).
 
     Each short root names the link that points to it; while the VM's directory exists the
-    root is kept.  Returns the roots removed.
+    root is kept, and so is a root a process still uses (a running stack whose state
+    directory was deleted).  Returns the roots removed.
     """
     base = short_root_base()
     removed: list[Path] = []
@@ -76,7 +91,7 @@ def collect_garbage() -> list[Path]:
             link = Path((root / OWNER_FILE).read_text().strip())
         except OSError:
             continue  # not ours, or not finished: leave it
-        if not link.parent.exists():
+        if not link.parent.exists() and not procs.using(root):
             shutil.rmtree(root, ignore_errors=True)
             removed.append(root)
     return removed

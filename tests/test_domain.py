@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -53,3 +54,16 @@ def test_render_command(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "vmrun", "render", str(manifest), "zz"],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and 'no VM named "zz"' in proc.stderr
+
+
+def test_no_usb_controller_unless_asked() -> None:
+    """A regression guard for start-up speed (docs/performance.md): libvirt's default USB
+    controller (and its PCIe root port) is switched off, unless xml_devices brings one."""
+    xml = domain.build(VMS["minimal"], "tcg", Path("/root/console.sock"))
+    assert [(c.get("type"), c.get("model")) for c in xml.iter("controller")] == [
+        ("usb", "none")]
+    mine = dataclasses.replace(VMS["minimal"],
+                               xml_devices="<controller type='usb' model='qemu-xhci'/>")
+    xml = domain.build(mine, "tcg", Path("/root/console.sock"))
+    assert [(c.get("type"), c.get("model")) for c in xml.iter("controller")] == [
+        ("usb", "qemu-xhci")]

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,8 +88,10 @@ class Children:
         self.exits: dict[int, int] = {}  # pid -> raw status, for pids not (yet) known
         self.qemu_pids: set[int] = set()
 
-    def spawn_driver(self, name: str, argv: Sequence[str], paths: VMPaths, log: Path) -> Child:
-        """Start a driver with its event pipe on fd 3 and its command pipe on stdin."""
+    def spawn_driver(self, name: str, argv: Sequence[str], paths: VMPaths, log: Path,
+                     proceed: Callable[[], bool] | None = None) -> Child | None:
+        """Start a driver with its event pipe on fd 3 and its command pipe on stdin;
+        None when `proceed` (asked with the stop signals held) says no."""
         event_r, event_w = os.pipe2(os.O_CLOEXEC)
         command_r, command_w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(event_r, False)
@@ -104,14 +106,19 @@ class Children:
             with self.born_inside():
                 pid = spawn([sys.executable, "-m", "vmrun.proc.driver", *argv],
                             fds=fds, env=env, log=log,
-                            hold=FORWARDED, registered=_fastsig.register_process)
+                            hold=FORWARDED, registered=_fastsig.register_process,
+                            proceed=proceed)
         except BaseException:
-            for fd in (event_r, command_w):
-                os.close(fd)
+            pid = None
             raise
         finally:
             os.close(event_w)
             os.close(command_r)
+            if pid is None:
+                for fd in (event_r, command_w):
+                    os.close(fd)
+        if pid is None:
+            return None
         child = Child(name=name, pid=pid, fd=event_r, command_fd=command_w, paths=paths)
         self.by_pid[pid] = child
         if pid in self.exits:  # it exited before we got here
@@ -121,7 +128,9 @@ class Children:
     def spawn_other(self, argv: Sequence[str], fds: dict[int, int], log: Path) -> int:
         """Start a helper process (the forwarder); its exit is in `exits` when reaped."""
         with self.born_inside():
-            return spawn([sys.executable, "-m", *argv], fds=fds, env=os.environ, log=log)
+            pid = spawn([sys.executable, "-m", *argv], fds=fds, env=os.environ, log=log)
+        assert pid is not None  # no `proceed`: always started
+        return pid
 
     def born_inside(self) -> contextlib.AbstractContextManager[None]:
         return self.pidns.entered() if self.pidns else contextlib.nullcontext()

@@ -46,9 +46,11 @@ def _inherited() -> list[int]:
 
 def spawn(argv: Sequence[str], *, fds: Mapping[int, int], env: Mapping[str, str],
           log: Path | None = None, hold: Sequence[signal.Signals] = (),
-          registered: Callable[[int], None] | None = None) -> int:
+          registered: Callable[[int], None] | None = None,
+          proceed: Callable[[], bool] | None = None) -> int | None:
     """Start `argv`; return its pid.  stdout and stderr go to `log` (appended) or
-    /dev/null; fd 0 is /dev/null unless `fds` gives one."""
+    /dev/null; fd 0 is /dev/null unless `fds` gives one.  With `proceed`, asked once
+    the `hold` signals are blocked: False starts nothing and returns None."""
     assert all(target > 2 or target == 0 for target in fds), "stdout/stderr are the log"
     high = max([_HIGH_FD, *(target + 1 for target in fds)])
     copies = [fcntl.fcntl(source, fcntl.F_DUPFD_CLOEXEC, high) for source in fds.values()]
@@ -65,6 +67,8 @@ def spawn(argv: Sequence[str], *, fds: Mapping[int, int], env: Mapping[str, str]
                 for copy, target in zip(copies, fds, strict=True)]
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, hold) if hold else None
     try:
+        if proceed is not None and not proceed():
+            return None  # decided with the signals held: nothing slips in between
         pid = os.posix_spawn(argv[0], list(argv), dict(env), file_actions=actions,
                              setpgroup=0, setsigmask=hold)
         if registered is not None:

@@ -164,7 +164,9 @@ class Supervisor:
                            supervisor_pid=self.children.parent_pid,
                            own_proc=self.children.pidns is not None)
         child = self.children.spawn_driver("", ["probe", spec.to_json()], paths,
-                                           self.paths.probe_log)
+                                           self.paths.probe_log, proceed=self.may_start)
+        if child is None:
+            return False
         self.watch_child(child)
         while not child.done and self.signal is None:
             self.wait(None)
@@ -182,11 +184,21 @@ class Supervisor:
             while os.read(wake_r, 4096):
                 pass
         self.children.reap()
+        self.take_signals()
+
+    def take_signals(self) -> None:
         for signum in _fastsig.take_signals():
             if self.signal is None:
                 self.signal = signum
                 self.begin_teardown(self.stack.stop_timeout)
                 self.listener("", p.SignalReceived(signal=signum), None)
+
+    def may_start(self) -> bool:
+        """Asked with the stop signals held, just before a driver is spawned: a signal
+        that came since the last look was forwarded to the drivers already running, not
+        to this one, so after it nothing new starts."""
+        self.take_signals()
+        return self.signal is None and not self.down_requested
 
     def watch_child(self, child: Child) -> None:
         def readable(mask: int) -> None:
@@ -294,7 +306,11 @@ class Supervisor:
             netns=str(self.netns_path) if vm.networks and self.netns_path else None,
             own_proc=self.children.pidns is not None)
         child = self.children.spawn_driver(vm.name, ["run", spec.to_json()], paths,
-                                           paths.driver_log)
+                                           paths.driver_log, proceed=self.may_start)
+        if child is None:
+            self.never_started(self.scheduler.cancel() + [NeverStarted(
+                vm.name, p.Outcome.STOPPED, "stopped before it started")], notify=False)
+            return
         self.drivers[vm.name] = child
         self.watch_child(child)
         self.listener(vm.name, p.Spawned(pid=child.pid), child.state)

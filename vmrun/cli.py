@@ -8,24 +8,17 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vmrun import (
-    __version__,
-    client,
-    console,
-    detach,
-    disks,
-    doctor,
-    domain,
-    host,
-    manifest,
-    operate,
-    schema,
-    view,
-)
-from vmrun import protocol as p
+from vmrun import __version__
 from vmrun.errors import EXIT_USAGE, UsageError, VmrunError
+from vmrun.layout import MANIFEST_NAMES
+
+if TYPE_CHECKING:
+    from vmrun import manifest
+
+# Each verb imports what it needs when it runs: `vmrun --help` and the light verbs
+# start without loading lxml, the manifest parser or the supervisor.
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vmrun {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    file_help = f"the stack's manifest (default: {' or '.join(manifest.MANIFEST_NAMES)} here)"
+    file_help = f"the stack's manifest (default: {' or '.join(MANIFEST_NAMES)} here)"
     check = sub.add_parser("check", help="validate a manifest (exit 0 or 2)")
     check.add_argument("file", nargs="?", help=file_help)
 
@@ -108,6 +101,8 @@ def _is_file_word(word: str) -> bool:
 def resolve_file(args: argparse.Namespace) -> None:
     """Fill args.file (and args.vms) from the positional words; default to the manifest
     in the current directory, and say which one it is."""
+    from vmrun import manifest
+
     words = list(getattr(args, "words", None) or [])
     if hasattr(args, "words"):
         args.file = words.pop(0) if words and _is_file_word(words[0]) else None
@@ -119,6 +114,8 @@ def resolve_file(args: argparse.Namespace) -> None:
 
 def load(args: argparse.Namespace) -> manifest.Stack:
     """The manifest, checked as far as it can be before anything starts."""
+    from vmrun import domain, manifest
+
     stack = manifest.load(args.file, state_dir=getattr(args, "state_dir", None))
     domain.validate(stack)
     return stack
@@ -127,6 +124,8 @@ def load(args: argparse.Namespace) -> manifest.Stack:
 def identity(args: argparse.Namespace) -> manifest.Identity:
     """What ps, down, logs, console and clean need: works on a manifest that no longer
     validates."""
+    from vmrun import manifest
+
     return manifest.load_identity(args.file, state_dir=args.state_dir)
 
 
@@ -138,6 +137,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    from vmrun import disks, domain, host, operate
+
     stack = load(args)
     if len(args.vms) > 1:
         raise UsageError(f"render takes one VM name, not {len(args.vms)}")
@@ -153,6 +154,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from vmrun import view
     from vmrun.supervisor import Supervisor
 
     if args.wait and not args.detach:
@@ -170,6 +172,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def up_detached(stack: manifest.Stack, wait_ready: bool, fresh: bool) -> int:
+    from vmrun import detach, host
+    from vmrun import protocol as p
+
     the_host = host.check(stack.accel)  # exit 3 here, in the foreground, before forking
     for report in detach.start(stack, the_host, wait_ready, fresh):
         if isinstance(report, p.VMReached):
@@ -212,6 +217,8 @@ def _table(rows: list[tuple[str, ...]]) -> str:
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
+    from vmrun import operate
+
     stack = identity(args)
     state = operate.status(stack)
     if args.json:
@@ -247,6 +254,8 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    from vmrun import operate
+
     stack = identity(args)
     result = operate.down(stack, args.timeout)
     if result.was_running:
@@ -260,6 +269,8 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
+    from vmrun import operate
+
     stack = identity(args)
     names = operate.check_vm_names(stack, args.vms)
     width = max(len(n) for n in names)
@@ -271,6 +282,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
+    from vmrun import operate
+
     stack = identity(args)
     for path in operate.clean(stack):
         print(f"vmrun: removed {path}", file=sys.stderr)
@@ -278,6 +291,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 def cmd_console(args: argparse.Namespace) -> int:
+    from vmrun import client, console, operate
+
     stack = identity(args)
     if len(args.vms) != 1:
         raise UsageError("console takes one VM name",
@@ -300,6 +315,8 @@ def cmd_console(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    from vmrun import doctor
+
     checks = doctor.run_checks(Path(args.state_dir) if args.state_dir else None)
     if args.json:
         print(json.dumps(doctor.report_json(checks), indent=2))
@@ -309,6 +326,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
+    from vmrun import schema
+
     print(schema.schema_json())
     return 0
 

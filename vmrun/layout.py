@@ -52,6 +52,7 @@ from pathlib import Path
 # Room left under the root: "/lib/qemu/domain-NNNN-<20 chars>/monitor.sock" and more.
 ROOT_PATH_MAX = 48
 CONTROL_SOCKET = "control.sock"
+MANIFEST_NAMES = ("stack.toml", "vmrun.toml")  # a stack's manifest, when none is named
 OWNER_FILE = ".vmrun-link"
 
 

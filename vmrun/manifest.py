@@ -42,6 +42,7 @@ from vmrun.convert import (
 )
 from vmrun.errors import ManifestError, Problem, UsageError
 from vmrun.fileconvert import CloudInit, Disk, image_format
+from vmrun.layout import MANIFEST_NAMES as _MANIFEST_NAMES
 from vmrun.layout import StackPaths
 from vmrun.limits import (
     ACCELS,
@@ -62,7 +63,7 @@ from vmrun.sourcefile import MANIFEST_MAX, read_manifest
 from vmrun.stackcheck import UnknownPlaceholder, fill_placeholders, placeholder_values
 from vmrun.tomlkeys import MAX_NESTING, line_of, locate_keys, parse_toml
 
-MANIFEST_NAMES = ("stack.toml", "vmrun.toml")  # what find_manifest looks for
+MANIFEST_NAMES = _MANIFEST_NAMES  # what find_manifest looks for (defined in layout)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Up, cmdline, stack_qemus, vmrun, wait_until, write_stack
+from vmrun import procs
 
 
 @pytest.fixture
@@ -165,7 +166,7 @@ def test_whole_tree_sigkill_leaves_no_guest(guest: Path, tmp_path: Path) -> None
             wait_until(lambda: len(stack_qemus(manifest, names)) == 2, timeout=120,
                        interval=0.02)
             tree = [up.proc.pid] + [pid for pid in descendants(up.proc.pid)
-                                    if b"qemu-system" not in _cmdline(pid)]
+                                    if b"qemu-system" not in procs.cmdline(pid)]
             assert len(tree) >= 4, tree  # supervisor, the namespace's init, two drivers
             rng.shuffle(tree)
             for pid in tree:
@@ -178,13 +179,6 @@ def test_whole_tree_sigkill_leaves_no_guest(guest: Path, tmp_path: Path) -> None
             up.kill()
     assert vmrun("down", str(manifest)).returncode == 0
 
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
 
 
 @pytest.mark.timeout(240)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from vmrun import _fastsig
 from vmrun.children import Children
 from vmrun.layout import StackPaths
 from vmrun.spawn import spawn
@@ -75,4 +74,3 @@ def test_supervisor_keeps_two_descriptors_per_driver_and_frees_them(tmp_path: Pa
         os.close(child.fd)
         wait(child.pid)
     assert open_fds() == before
-    _fastsig.reap()

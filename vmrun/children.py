@@ -54,8 +54,7 @@ class Child:
     def command(self, command: p.Command) -> None:
         """Send a command to the driver; a driver that is gone cannot take it."""
         if self.command_fd >= 0:
-            with contextlib.suppress(OSError):
-                os.write(self.command_fd, p.encode(command))
+            p.send(self.command_fd, command)
 
     def close_commands(self) -> None:
         if self.command_fd >= 0:
@@ -102,21 +101,19 @@ class Children:
         fds = {0: command_r, EVENT_FD: event_w}
         if self.lock_fd >= 0:
             fds[self.lock_fd] = self.lock_fd
+        pid = None
         try:
             with self.born_inside():
                 pid = spawn([sys.executable, "-m", "vmrun.proc.driver", *argv],
                             fds=fds, env=env, log=log,
                             hold=FORWARDED, registered=_fastsig.register_process,
                             proceed=proceed)
-        except BaseException:
-            pid = None
-            raise
         finally:
             os.close(event_w)
             os.close(command_r)
-            if pid is None:
-                for fd in (event_r, command_w):
-                    os.close(fd)
+            if pid is None:  # not started (or spawn failed): our ends go too
+                os.close(event_r)
+                os.close(command_w)
         if pid is None:
             return None
         child = Child(name=name, pid=pid, fd=event_r, command_fd=command_w, paths=paths)
@@ -159,9 +156,13 @@ class Children:
             self.qemu_pids.add(pid)
 
     def kill_qemu(self, child: Child) -> None:
-        """Kill the QEMU of a driver that is gone (checked to be that VM's QEMU)."""
+        """Kill the QEMU of a driver that is gone (checked to be that VM's QEMU).  Only a
+        driver that died before it reported its QEMU costs a scan of /proc (in a PID
+        namespace the pidfile holds the namespace's pid, not ours)."""
         candidates = {child.qemu_pid, procs.read_pid(child.paths.pidfile)}
-        for pid in candidates | set(procs.qemus_of(child.paths.root)):
+        if child.qemu_pid is None:
+            candidates |= set(procs.qemus_of(child.paths.root))
+        for pid in candidates:
             if pid and procs.is_qemu_of(pid, child.paths.root):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)

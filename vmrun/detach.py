@@ -36,8 +36,7 @@ class _Reporter:
 
     def send(self, report: p.DetachReport) -> None:
         if self.fd >= 0:
-            with contextlib.suppress(OSError):
-                os.write(self.fd, p.encode(report))
+            p.send(self.fd, report)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -92,13 +91,10 @@ def start(stack: Stack, the_host: host.Host, wait_ready: bool,
                 log.write(f"vmrun: exit status {code}\n")
             except VmrunError as exc:
                 code = exc.exit_code
-                error = p.StartError(code=code, lines=tuple(exc.lines()))
-                with contextlib.suppress(OSError):
-                    os.write(write_fd, p.encode(error))
+                p.send(write_fd, p.StartError(code=code, lines=tuple(exc.lines())))
             except OSError as exc:
-                error = p.StartError(code=3, lines=(f"cannot start in the background: {exc}",))
-                with contextlib.suppress(OSError):
-                    os.write(write_fd, p.encode(error))
+                p.send(write_fd, p.StartError(
+                    code=3, lines=(f"cannot start in the background: {exc}",)))
         finally:
             os._exit(code)
     os.close(write_fd)

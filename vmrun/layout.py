@@ -49,6 +49,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmrun.errors import HostError
+
 # Room left under the root: "/lib/qemu/domain-NNNN-<20 chars>/monitor.sock" and more.
 ROOT_PATH_MAX = 48
 CONTROL_SOCKET = "control.sock"
@@ -60,8 +62,6 @@ def private_dir(path: Path) -> Path:
     """Make `path` (mode 0700) if needed and check that it is a directory of this user's
     that no one else can write to (not a symlink); HostError (exit 3) otherwise.  Like
     ssh and tmux, refuse rather than write where another user can interfere."""
-    from vmrun.errors import HostError
-
     with contextlib.suppress(FileExistsError):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.mkdir(mode=0o700)

@@ -25,9 +25,7 @@ def take(paths: StackPaths, stack_name: str, manifest: str) -> int:
     try:
         fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise HostError(f"the state directory {paths.dir} is unusable: {exc.strerror}",
-                        hint="pass --state-dir DIR or set state_dir in the manifest "
-                             "to a writable directory") from None
+        raise _unusable(paths, exc) from None
     if not _lock(fd, paths):
         pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
@@ -51,9 +49,13 @@ def claim(paths: StackPaths) -> None:
         paths.marker.touch()
         (paths.runtime / "state-dir").write_text(f"{paths.dir}\n")
     except OSError as exc:
-        raise HostError(f"the state directory {paths.dir} is unusable: {exc.strerror}",
-                        hint="pass --state-dir DIR or set state_dir in the manifest "
-                             "to a writable directory") from None
+        raise _unusable(paths, exc) from None
+
+
+def _unusable(paths: StackPaths, exc: OSError) -> HostError:
+    return HostError(f"the state directory {paths.dir} is unusable: {exc.strerror}",
+                     hint="pass --state-dir DIR or set state_dir in the manifest "
+                          "to a writable directory")
 
 
 def not_ours(paths: StackPaths) -> HostError:

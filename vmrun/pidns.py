@@ -20,7 +20,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-from vmrun import _fastsig
+from vmrun import _fastsig, procs
 
 
 class PidNamespace:
@@ -68,6 +68,16 @@ class PidNamespace:
             yield
         finally:
             _fastsig.enter_pid_namespace(self.own)
+
+    def adopted(self, ns_pid: int) -> int | None:
+        """Our pid of the process `ns_pid` of the namespace, if the init has adopted it
+        (a daemonized QEMU has): a look at the init's children, not a scan of /proc."""
+        try:
+            with open(f"/proc/{self.init_pid}/task/{self.init_pid}/children") as f:
+                children = [int(pid) for pid in f.read().split()]
+        except (OSError, ValueError):
+            return None
+        return next((pid for pid in children if procs.innermost_pid(pid) == ns_pid), None)
 
     def close(self) -> None:
         """End the init, and so everything still in the namespace.  The caller reaps

@@ -53,6 +53,18 @@ def is_qemu_of(pid: int, root: Path) -> bool:
     return b"qemu" in cmd and _under(root) in cmd and alive(pid)
 
 
+def innermost_pid(pid: int) -> int | None:
+    """The pid of `pid` in its own (innermost) PID namespace: the last NSpid field."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return int(line.split()[-1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def qemus_of(root: Path) -> list[int]:
     """Live QEMUs started for the embedded root `root` (pids as this process sees them)."""
     return [pid for pid in all_pids() if is_qemu_of(pid, root)]

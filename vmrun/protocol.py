@@ -28,6 +28,7 @@ from vmrun.wire import Message as Message
 from vmrun.wire import ProtocolError as ProtocolError
 from vmrun.wire import decode, decode_dict
 from vmrun.wire import encode as encode
+from vmrun.wire import send as send
 
 
 class Outcome(enum.StrEnum):

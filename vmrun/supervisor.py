@@ -218,12 +218,14 @@ class Supervisor:
         child.state = p.next_state(child.state, event)
         if isinstance(event, p.Running):
             child.running_at = time.time()
-            # The driver's pid may be its PID namespace's: find QEMU as we see it.
-            found = procs.qemus_of(child.paths.root) if self.children.pidns else \
-                [event.pid] if event.pid is not None else []
-            if found:
-                child.qemu_pid = found[0]
-                self.children.qemu_started(found[0])
+            pid = event.pid
+            pidns = self.children.pidns
+            if pid is not None and pidns is not None:
+                # the driver's pid is the namespace's: find QEMU as we see it
+                pid = pidns.adopted(pid) or next(iter(procs.qemus_of(child.paths.root)), None)
+            if pid is not None:
+                child.qemu_pid = pid
+                self.children.qemu_started(pid)
         elif isinstance(event, p.Ready):
             self.scheduler.on_ready(child.name)
         elif isinstance(event, p.Result):
@@ -395,8 +397,9 @@ class Supervisor:
         for vm in self.stack.vms:
             child = self.drivers.get(vm.name)
             result = self.results[vm.name]
+            outcome, reason = result.outcome, result.reason  # a VM that never started
             state = p.VMState.WAITING if vm.name in self.scheduler.pending else \
-                p.VMState.STOPPED if result.outcome is not None else p.VMState.STARTING
+                p.VMState.STOPPED if outcome is not None else p.VMState.STARTING
             started = uptime = None
             if child is not None:
                 state = child.state
@@ -405,9 +408,9 @@ class Supervisor:
                     end = child.ended_at if child.state is p.VMState.STOPPED else None
                     uptime = round((end or now) - child.running_at, 1)
                 if child.result is not None:
-                    result = VMResult(vm.name, child.result.outcome, child.result.reason)
+                    outcome, reason = child.result.outcome, child.result.reason
             vms[vm.name] = p.VMStatus(
-                state=state, outcome=result.outcome, reason=result.reason, started=started,
+                state=state, outcome=outcome, reason=reason, started=started,
                 uptime=uptime, qemu_pid=child.qemu_pid if child else None, accel=self.accel,
                 addresses=addresses_of(vm), forwards=tuple(str(f) for f in vm.forward))
         return p.StackStatus(stack=self.stack.name, pid=os.getpid(), accel=self.accel,

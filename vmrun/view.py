@@ -57,7 +57,8 @@ def summary_rows(result: Any) -> list[tuple[str, str, str, str]]:
     rows = []
     for name, vm in result.vms.items():
         duration = f"{vm.duration:.1f}s" if vm.duration is not None else "-"
-        reason = "; ".join([vm.reason] * bool(vm.reason) + [f"warning: {w}" for w in vm.warnings])
+        notes = ([vm.reason] if vm.reason else []) + [f"warning: {w}" for w in vm.warnings]
+        reason = "; ".join(notes)
         rows.append((name, str(vm.outcome or "-"), duration, reason))
     return rows
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import os
 import types
 import typing
 from collections.abc import Iterable
@@ -152,6 +153,17 @@ def decode_dict(data: Any, kinds: Iterable[type[M]]) -> M:
 def encode(message: Message) -> bytes:
     """One message as one line."""
     return (message.to_json() + "\n").encode()
+
+
+def send(fd: int, message: Message) -> bool:
+    """Write one message line whole to `fd`; False when the reader is gone (EPIPE)."""
+    data = encode(message)
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    except OSError:
+        return False
+    return True
 
 
 class LineReader:

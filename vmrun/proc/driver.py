@@ -58,15 +58,9 @@ class Events:
         self.lock = threading.Lock()
 
     def send(self, event: p.Message) -> None:
-        data = p.encode(event)
-        with self.lock:
-            if self.broken:
-                return
-            try:
-                while data:
-                    data = data[os.write(self.fd, data):]
-            except OSError:  # EPIPE: the supervisor is gone
-                self.broken = True
+        with self.lock:  # the console thread sends too
+            if not self.broken and not p.send(self.fd, event):
+                self.broken = True  # EPIPE: the supervisor is gone
 
 
 def open_root(root: str, on_lifecycle: Any) -> Any:

@@ -10,31 +10,57 @@ from pathlib import Path
 
 import pytest
 
-from vmrun import domain
-from vmrun.manifest import VM
+from lxml import etree
+
+from vmrun import disks, domain
+from vmrun.firmware import Uefi
+from vmrun.layout import VMPaths
+from vmrun.manifest import VM, Disk
 
 GOLDEN = Path(__file__).parent / "golden"
 
+_COMMON = dict(boot="kernel", secure_boot=False, on_reboot="restart", restart="no",
+               restart_max=3, count=1, depends_on=(), ephemeral=False, cloud_init=None,
+               networks=(), forward=(), timeout=None, success=None, failure=None, ready=None,
+               ready_timeout=120, xml_devices=None, disks=(), memory=256, cpus=1,
+               initrd=None, kernel=Path("/guest/vmlinuz"), cmdline="console=ttyS0")
+_DISKS = (Disk(image=Path("/img/debian.qcow2"), format="qcow2", size_mib=None, readonly=False),
+          Disk(image=Path("/img/installer.iso"), format="raw", size_mib=None, readonly=True,
+               media="cdrom", boot=True),
+          Disk(image=None, format="qcow2", size_mib=1024, readonly=False))
+
 VMS = {
-    "minimal": VM(name="alpha", kernel=Path("/guest/vmlinuz"), initrd=None,
-                  cmdline="console=ttyS0", memory=256, cpus=1, timeout=None,
-                  success=None, failure=None, ready=None, ready_timeout=120, count=1,
-                  depends_on=(), xml_devices=None, disks=(), ephemeral=False, cloud_init=None,
-                  networks=(), forward=()),
-    "full": VM(name="beta-2", kernel=Path("/guest/vmlinuz"), initrd=Path("/guest/initrd.gz"),
-               cmdline='console=ttyS0 quiet guest.say="a <b> & c"', memory=1024, cpus=2,
-               timeout=60, success="OK", failure="FAIL", ready="READY", ready_timeout=30,
-               count=1, depends_on=(), disks=(), ephemeral=False, cloud_init=None,
-               networks=(), forward=(),
-               xml_devices='<rng model="virtio"><backend model="random">/dev/urandom</backend>'
-                           '</rng>'),
+    "minimal": VM(name="alpha", **_COMMON),  # type: ignore[arg-type]
+    "full": VM(**{**_COMMON, **dict(  # type: ignore[arg-type]
+        name="beta-2", initrd=Path("/guest/initrd.gz"),
+        cmdline='console=ttyS0 quiet guest.say="a <b> & c"', memory=1024, cpus=2,
+        timeout=60, success="OK", failure="FAIL", ready="READY", ready_timeout=30,
+        on_reboot="stop",
+        xml_devices='<rng model="virtio"><backend model="random">/dev/urandom</backend>'
+                    '</rng>')}),
+    "bios": VM(**{**_COMMON, **dict(  # type: ignore[arg-type]
+        name="gamma", boot="bios", kernel=None, disks=_DISKS)}),
+    "uefi": VM(**{**_COMMON, **dict(  # type: ignore[arg-type]
+        name="delta", boot="uefi", kernel=None, disks=_DISKS[:1])}),
+    "secure": VM(**{**_COMMON, **dict(  # type: ignore[arg-type]
+        name="epsilon", boot="uefi", kernel=None, secure_boot=True, disks=_DISKS[:1])}),
 }
+UEFI = {False: Uefi(Path("/fw/CODE.fd"), Path("/fw/VARS.fd"), False),
+        True: Uefi(Path("/fw/CODE.ms.fd"), Path("/fw/VARS.ms.fd"), True)}
+
+
+def _build(vm: VM, accel: str) -> etree._Element:
+    attachments = disks.plan(vm, VMPaths(vm.name, Path("/state"), Path("/state/root"),
+                                         Path("/root")))
+    uefi = UEFI[vm.secure_boot] if vm.boot == "uefi" else None
+    return domain.build(vm, accel, Path("/root/console.sock"), attachments, uefi=uefi,
+                        nvram=Path("/state/nvram.fd"))
 
 
 @pytest.mark.parametrize("accel", ["tcg", "kvm"])
 @pytest.mark.parametrize("case", sorted(VMS))
 def test_golden(case: str, accel: str) -> None:
-    xml = domain.to_string(domain.build(VMS[case], accel, Path("/root/console.sock")))
+    xml = domain.to_string(_build(VMS[case], accel))
     golden = GOLDEN / f"{case}-{accel}-out.xml"
     if os.environ.get("VMRUN_REGENERATE"):
         golden.write_text(xml)
@@ -67,3 +93,10 @@ def test_no_usb_controller_unless_asked() -> None:
     xml = domain.build(mine, "tcg", Path("/root/console.sock"))
     assert [(c.get("type"), c.get("model")) for c in xml.iter("controller")] == [
         ("usb", "qemu-xhci")]
+
+
+@pytest.mark.skipif(not domain.SCHEMA.exists(), reason="libvirt's schemas are not installed")
+def test_golden_files_are_valid_libvirt_xml() -> None:
+    schema = etree.RelaxNG(etree.parse(str(domain.SCHEMA)))
+    for golden in sorted(GOLDEN.glob("*-out.xml")):
+        assert schema.validate(etree.parse(str(golden))), (golden, schema.error_log.last_error)

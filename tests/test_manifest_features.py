@@ -200,8 +200,8 @@ def test_networks_addresses_and_placeholders(files: Path) -> None:
      "already forwarded to a"),
     ('[network.lan]\n[vm.a]\nkernel = "vmlinuz"\nnetworks = ["lan"]\nforward = ["80:80"]\n'
      'count = 2\n', "copies (count) cannot share a host port"),
-    ('[vm.a]\nkernel = "vmlinuz"\ndisks = [{ size = "1G", image = "vmlinuz" }]\n',
-     "exactly one of image and size"),
+    ('[vm.a]\nkernel = "vmlinuz"\ndisks = [{ size = "1G", image = "vmlinuz", readonly = true }]\n',
+     "size for an overlay only"),
     ('[vm.a]\nkernel = "vmlinuz"\ndisks = [{ size = "0" }]\n', "1M to 64T"),
     ('[vm.a]\nkernel = "vmlinuz"\ndisks = [{ image = "vmlinuz", format = "qcow2" }]\n',
      "a qcow2 image"),

@@ -312,7 +312,8 @@ def test_escaped_and_quoted_keys_are_located(files: Path, text: str, line: int,
 
 def test_implicit_tables_are_located(files: Path) -> None:
     found = problems_of(files, "\n[vm.alpha.disks]\nx = 1\n")
-    assert [(p.key, p.line) for p in found] == [("vm.alpha.disks", 2), ("vm.alpha", 2)]
+    # (whether alpha has something to boot depends on its disks: not reported)
+    assert [(p.key, p.line) for p in found] == [("vm.alpha.disks", 2)]
     found = problems_of(files, "name = 'x'\nvm.alpha.cpus = 2\n")
     assert [(p.key, p.line) for p in found] == [("vm.alpha", 2)]
 

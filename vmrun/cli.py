@@ -137,7 +137,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from vmrun import disks, domain, host, operate
+    from vmrun import disks, domain, firmware, host, operate
 
     stack = load(args)
     if len(args.vms) > 1:
@@ -148,7 +148,9 @@ def cmd_render(args: argparse.Namespace) -> int:
     paths = stack.paths
     for vm in vms:
         vm_paths = paths.vm(vm.name)
-        xml = domain.build(vm, accel.name, vm_paths.console_socket, disks.plan(vm, vm_paths))
+        uefi = firmware.find(vm.secure_boot) if vm.boot == "uefi" else None
+        xml = domain.build(vm, accel.name, vm_paths.console_socket, disks.plan(vm, vm_paths),
+                           uefi=uefi, nvram=vm_paths.nvram)
         sys.stdout.write(domain.to_string(xml))
     return 0
 

@@ -22,6 +22,7 @@ from vmrun.limits import (
     MAX_COUNT,
     MAX_CPUS,
     MAX_NETWORKS,
+    MAX_RESTARTS,
     MAX_SECONDS,
     MAX_VMS,
     MIN_MEMORY_MIB,
@@ -265,6 +266,22 @@ def depends_on(value: Any, ctx: Context) -> tuple[tuple[str, str], ...]:
 def boolean(value: Any, ctx: Context) -> bool:
     if not isinstance(value, bool):
         raise Invalid("true or false")
+    return value
+
+
+def choice(*choices: str) -> Converter:
+    """A converter accepting one of `choices` (strings)."""
+    def convert(value: Any, ctx: Context) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise Invalid(" or ".join(f'"{c}"' for c in choices))
+        return value
+    return convert
+
+
+def restart_max(value: Any, ctx: Context) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or \
+            not 0 <= value <= MAX_RESTARTS:
+        raise Invalid(f"a whole number of restarts from 0 to {MAX_RESTARTS}")
     return value
 
 

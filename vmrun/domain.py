@@ -9,6 +9,7 @@ from lxml import etree
 
 from vmrun.disks import Attachment
 from vmrun.errors import ManifestError, Problem
+from vmrun.firmware import Uefi
 from vmrun.layout import bridge_name, tap_name
 from vmrun.manifest import VM, Stack
 
@@ -23,9 +24,10 @@ def _sub(parent: etree._Element, tag: str, text: str | None = None, **attrs: str
     return element
 
 
-def build(vm: VM, accel: str, console_socket: Path,
-          disks: Sequence[Attachment] = ()) -> etree._Element:
-    """The <domain> element for `vm`, accelerated by "kvm" or "tcg", with its disk files."""
+def build(vm: VM, accel: str, console_socket: Path, disks: Sequence[Attachment] = (),
+          uefi: Uefi | None = None, nvram: Path | None = None) -> etree._Element:
+    """The <domain> element for `vm`, accelerated by "kvm" or "tcg", with its disk files
+    (and, for boot = "uefi", the firmware and the VM's variables file)."""
     domain = etree.Element("domain", type="kvm" if accel == "kvm" else "qemu")
     _sub(domain, "name", vm.name)
     _sub(domain, "memory", str(vm.memory * 1024), unit="KiB")
@@ -33,35 +35,58 @@ def build(vm: VM, accel: str, console_socket: Path,
 
     os_ = _sub(domain, "os")
     _sub(os_, "type", "hvm", arch=ARCH, machine=MACHINE)
-    _sub(os_, "kernel", str(vm.kernel))
-    if vm.initrd is not None:
-        _sub(os_, "initrd", str(vm.initrd))
-    _sub(os_, "cmdline", vm.cmdline)
+    if vm.boot == "kernel":
+        assert vm.kernel is not None
+        _sub(os_, "kernel", str(vm.kernel))
+        if vm.initrd is not None:
+            _sub(os_, "initrd", str(vm.initrd))
+        _sub(os_, "cmdline", vm.cmdline)
+    elif vm.boot == "uefi":
+        if uefi is None or nvram is None:
+            raise ValueError("boot = uefi needs the firmware and a variables file")
+        _sub(os_, "loader", str(uefi.code), readonly="yes", type="pflash",
+             secure="yes" if uefi.secure else "no")
+        _sub(os_, "nvram", str(nvram), template=str(uefi.template))
+    # boot = "bios": libvirt gives QEMU SeaBIOS; the boot disk has <boot order='1'/>.
 
     features = _sub(domain, "features")
     _sub(features, "acpi")  # an in-guest poweroff ends the domain only with ACPI
+    if uefi is not None and uefi.secure:
+        _sub(features, "smm", state="on")  # Secure Boot firmware needs SMM
     if accel == "kvm":
         _sub(domain, "cpu", mode="host-passthrough")
     _sub(domain, "clock", offset="utc")
     _sub(domain, "on_poweroff", "destroy")
-    _sub(domain, "on_reboot", "destroy")
+    _sub(domain, "on_reboot", "restart" if vm.on_reboot == "restart" else "destroy")
     _sub(domain, "on_crash", "destroy")
 
     devices = _sub(domain, "devices")
-    for index, disk in enumerate(disks):
-        element = _sub(devices, "disk", type="file", device="disk")
+    virtio = scsi = 0
+    for disk in disks:
+        if disk.media == "cdrom":  # on virtio-scsi: Debian's cloud kernel has no AHCI
+            element = _sub(devices, "disk", type="file", device="cdrom")
+            target = f"sd{chr(ord('a') + scsi)}"
+            scsi += 1
+        else:
+            element = _sub(devices, "disk", type="file", device="disk")
+            target = f"vd{chr(ord('a') + virtio)}"
+            virtio += 1
         _sub(element, "driver", name="qemu", type=disk.format)
         _sub(element, "source", file=str(disk.path))
-        _sub(element, "target", dev=f"vd{chr(ord('a') + index)}", bus="virtio")
+        _sub(element, "target", dev=target, bus="scsi" if disk.media == "cdrom" else "virtio")
         if disk.readonly:
             _sub(element, "readonly")
+        if disk.boot and vm.boot != "kernel":
+            _sub(element, "boot", order="1")
+    if scsi:
+        _sub(devices, "controller", type="scsi", index="0", model="virtio-scsi")
     for address in vm.addresses:
         nic = _sub(devices, "interface", type="bridge")
         _sub(nic, "source", bridge=bridge_name(address.network))  # in the stack's netns
         _sub(nic, "mac", address=address.mac)
         _sub(nic, "target", dev=tap_name(address.mac))
         _sub(nic, "model", type="virtio")
-        _sub(nic, "rom", enabled="no")  # no iPXE: direct kernel boot does not need it
+        _sub(nic, "rom", enabled="no")  # no iPXE: vmrun boots kernels and disks, not PXE
     # The serial console is a UNIX socket QEMU listens on; the driver reads it.
     serial = _sub(devices, "serial", type="unix")
     _sub(serial, "source", mode="bind", path=str(console_socket))
@@ -93,7 +118,9 @@ def validate(stack: Stack) -> None:
     schema = etree.RelaxNG(etree.parse(str(SCHEMA)))
     problems = []
     for vm in stack.vms:
-        if vm.xml_devices and not schema.validate(build(vm, "tcg", Path("/console.sock"))):
+        uefi = Uefi(Path("/code.fd"), Path("/vars.fd"), vm.secure_boot)
+        xml = build(vm, "tcg", Path("/console.sock"), uefi=uefi, nvram=Path("/nvram.fd"))
+        if vm.xml_devices and not schema.validate(xml):
             error = schema.error_log.last_error
             message = error.message if error is not None else "invalid"
             problems.append(Problem(

@@ -2,12 +2,13 @@
 
 A file must exist, be a regular, readable file, and have a path libvirt's XML can hold;
 a disk image must be raw or qcow2 (other formats are recognised by their first bytes and
-refused).
+refused).  A disk's image may instead be a URL with a checksum; nothing is fetched here.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,15 @@ from vmrun.convert import (
     resolve,
     xml_unsafe,
 )
-from vmrun.limits import DISK_FORMATS, MAX_DISK_MIB, MAX_DISKS, MIN_DISK_MIB
+from vmrun.limits import (
+    CHECKSUMS,
+    DISK_FORMATS,
+    DISK_MEDIA,
+    MAX_DISK_MIB,
+    MAX_DISKS,
+    MIN_DISK_MIB,
+    URL_SCHEMES,
+)
 from vmrun.sourcefile import Unreadable, open_regular
 
 
@@ -57,19 +66,42 @@ _FOREIGN_MAGIC = {b"KDMV": "vmdk", b"QED\x00": "qed", b"vhdxfile": "vhdx", b"con
 
 @dataclass(frozen=True)
 class Disk:
-    """One entry of `disks`: an image (overlaid unless read-only) or a blank disk."""
+    """One entry of `disks`: an image (overlaid unless read-only), a blank disk, or a CD-ROM.
+
+    An image given by URL has `url` and `checksum` and no `image` until vmrun/images.py
+    has fetched it into the cache (`images.localize` fills `image` and `format` then).
+    """
 
     image: Path | None
-    format: str  # of the image ("raw" | "qcow2"); blank disks are qcow2
-    size_mib: int | None
+    format: str  # of the image ("raw" | "qcow2"); blank disks are qcow2; "" = not known yet
+    size_mib: int | None  # a blank disk's size, or an overlay's virtual size
     readonly: bool
+    url: str | None = None
+    checksum: tuple[str, str] | None = None  # (algorithm, lower-case hex digest)
+    media: str = "disk"  # "disk" | "cdrom"
+    boot: bool = False  # boot from this disk (firmware boot)
+
+    @property
+    def overlaid(self) -> bool:
+        """Attached through a qcow2 file in the VM's state directory (overlay or blank)."""
+        return not self.readonly and self.media == "disk"
 
 
 def image_format(path: Path) -> str:
     """"qcow2" or "raw" from the image's first bytes; another known format is refused."""
+    return _probe(path)[0]
+
+
+def virtual_size(path: Path) -> int:
+    """The image's virtual size in bytes: a qcow2 header's size field, or a raw file's size."""
+    return _probe(path)[1]
+
+
+def _probe(path: Path) -> tuple[str, int]:
     try:
         with open_regular(path) as fd:
-            head = os.read(fd, 16)
+            head = os.read(fd, 32)
+            size = os.fstat(fd).st_size
     except FileNotFoundError:
         raise Invalid(f"an existing file (looked for {path})") from None
     except Unreadable as exc:
@@ -77,40 +109,121 @@ def image_format(path: Path) -> str:
     except OSError as exc:  # EIO from /proc/self/mem
         raise Invalid(f"a readable image ({path}: {exc.strerror})") from None
     if head.startswith(b"QFI\xfb"):
-        return "qcow2"
+        return "qcow2", int.from_bytes(head[24:32], "big")
     for magic, name in _FOREIGN_MAGIC.items():
         if head.startswith(magic):
             raise Invalid(f"a raw or qcow2 image ({path} is {name})")
-    return "raw"
+    return "raw", size
+
+
+_DISK_KEYS = ["image", "size", "readonly", "format", "sha256", "sha512", "media", "boot"]
+_URL_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def is_url(text: str) -> bool:
+    return _URL_RE.match(text) is not None
+
+
+def _checksum(value: dict[str, Any]) -> tuple[str, str] | None:
+    given = [algo for algo in CHECKSUMS if algo in value]
+    if len(given) > 1:
+        raise Invalid("one checksum: sha256 or sha512", found="both")
+    if not given:
+        return None
+    algo = given[0]
+    digest = value[algo]
+    if not isinstance(digest, str) or \
+            re.fullmatch(f"[0-9a-fA-F]{{{CHECKSUMS[algo]}}}", digest) is None:
+        raise Invalid(f"{algo} = {CHECKSUMS[algo]} hexadecimal digits",
+                      found=describe(digest), where=f".{algo}")
+    return algo, digest.lower()
+
+
+def _size(value: Any) -> int:
+    size = parse_size_mib(value)
+    if not MIN_DISK_MIB <= size <= MAX_DISK_MIB or not size.is_integer():
+        raise Invalid(f"a disk size from {MIN_DISK_MIB}M to 64T, in whole MiB")
+    return int(size)
 
 
 def _disk(value: Any, ctx: Context) -> Disk:
-    expected = ('a table { image = "file" } or { size = "2G" }, with optional '
-                'readonly = true (image only) and format = "raw" | "qcow2"')
+    expected = ('a table { image = "file or URL" } or { size = "2G" }, with optional size '
+                '(an overlay\'s size), readonly = true, format = "raw" | "qcow2", sha256 or '
+                'sha512, media = "disk" | "cdrom" and boot = true')
     if not isinstance(value, dict):
         raise Invalid(expected)
-    unknown = sorted(set(value) - {"image", "size", "readonly", "format"})
+    unknown = sorted(set(value) - set(_DISK_KEYS))
     if unknown:
         raise Invalid(expected, found=f'the unknown key "{unknown[0]}"',
-                      hint=did_you_mean(unknown[0], ["image", "size", "readonly", "format"]))
-    if ("image" in value) == ("size" in value):
-        raise Invalid(expected + " (exactly one of image and size)")
-    readonly = value.get("readonly", False)
-    if not isinstance(readonly, bool) or (readonly and "size" in value):
-        raise Invalid(expected + " (readonly is a boolean, for an image)")
-    if "size" in value:
-        size = parse_size_mib(value["size"])
-        if not MIN_DISK_MIB <= size <= MAX_DISK_MIB or not size.is_integer():
-            raise Invalid(f"a disk size from {MIN_DISK_MIB}M to 64T, in whole MiB")
-        return Disk(image=None, format="qcow2", size_mib=int(size), readonly=False)
-    image = file_path(value["image"], ctx)
-    found = image_format(image)
-    wanted = value.get("format", found)
-    if wanted not in DISK_FORMATS:
-        raise Invalid('format = "raw" or "qcow2"')
+                      hint=did_you_mean(unknown[0], _DISK_KEYS))
+    if "image" not in value and "size" not in value:
+        raise Invalid(expected + " (an image or a size)")
+    for key in ("readonly", "boot"):
+        if not isinstance(value.get(key, False), bool):
+            raise Invalid(f"{key} = true or false", found=describe(value[key]), where=f".{key}")
+    readonly, boot = value.get("readonly", False), value.get("boot", False)
+    media = value.get("media", "disk")
+    if media not in DISK_MEDIA:
+        raise Invalid('media = "disk" or "cdrom"', found=describe(media), where=".media")
+    size = _size(value["size"]) if "size" in value else None
+    checksum = _checksum(value)
+    if "image" not in value:
+        if readonly or media != "disk" or checksum or "format" in value:
+            raise Invalid(expected + " (a blank disk has only size, and boot)")
+        assert size is not None
+        return Disk(image=None, format="qcow2", size_mib=size, readonly=False, boot=boot)
+    if media == "cdrom":
+        if size is not None or value.get("readonly", True) is not True or \
+                value.get("format", "raw") != "raw":
+            raise Invalid("a CD-ROM: an image (raw, read-only), without size",
+                          found=describe(value))
+        readonly = True
+    if readonly and size is not None:
+        raise Invalid("size for an overlay only (not with readonly = true)",
+                      found=describe(value))
+    wanted = value.get("format")
+    if wanted is not None and wanted not in DISK_FORMATS:
+        raise Invalid('format = "raw" or "qcow2"', found=describe(wanted), where=".format")
+    raw_image = value["image"]
+    if isinstance(raw_image, str) and is_url(raw_image):
+        url = _url(raw_image)
+        if checksum is None:
+            raise Invalid("a sha256 or sha512 checksum next to an image URL",
+                          found=f"{url} without one",
+                          hint="sha256sum the file you expect and add sha256 = \"…\"")
+        return Disk(image=None, format=wanted or "", size_mib=size, readonly=readonly,
+                    url=url, checksum=checksum, media=media, boot=boot)
+    image = file_path(raw_image, ctx)
+    found, virtual = _probe(image)
     if wanted == "qcow2" and found != "qcow2":
         raise Invalid(f"a qcow2 image ({image} is not one)")
-    return Disk(image=image, format=wanted, size_mib=None, readonly=readonly)
+    if size is not None and size * 1024 * 1024 < virtual:
+        raise Invalid(f"an overlay size at least the image's ({_mib(virtual)})",
+                      found=f"{size}M", where=".size")
+    return Disk(image=image, format=wanted or found, size_mib=size, readonly=readonly,
+                checksum=checksum, media=media, boot=boot)
+
+
+def _mib(size: int) -> str:
+    return f"{-(-size // (1024 * 1024))}M"
+
+
+def _url(text: str) -> str:
+    from urllib.parse import urlsplit
+
+    if xml_unsafe(text) is not None or any(c.isspace() for c in text):
+        raise Invalid("a URL without spaces or control characters", found=describe(text))
+    try:
+        parts = urlsplit(text)
+    except ValueError as exc:
+        raise Invalid(f"a URL ({exc})", found=describe(text)) from None
+    if parts.scheme.lower() not in URL_SCHEMES:
+        raise Invalid("an https://, http:// or file:// URL", found=describe(text))
+    if parts.scheme.lower() != "file" and not parts.hostname:
+        raise Invalid("a URL with a host", found=describe(text))
+    if not parts.path or parts.path.endswith("/"):
+        raise Invalid("a URL naming a file", found=describe(text))
+    return text
 
 
 def disks(value: Any, ctx: Context) -> tuple[Disk, ...]:

@@ -159,6 +159,11 @@ class VMPaths:
         return self.dir / f"disk-{index}.qcow2"
 
     @property
+    def nvram(self) -> Path:
+        """The VM's UEFI variables (boot = "uefi"), kept between runs like an overlay."""
+        return self.dir / "nvram.fd"
+
+    @property
     def console_socket(self) -> Path:
         return self.root / "console.sock"
 

@@ -26,5 +26,12 @@ MAX_NETWORKS = 256  # in a stack: the /24s of the default 10.77.0.0/16
 DEPENDENCY_CONDITIONS = ("ready", "ok")
 
 DISK_FORMATS = ("raw", "qcow2")
+DISK_MEDIA = ("disk", "cdrom")
+BOOT_MODES = ("kernel", "bios", "uefi")
+ON_REBOOT = ("restart", "stop")
+RESTART_POLICIES = ("no", "on-failure", "always")
+MAX_RESTARTS = 100
+CHECKSUMS = {"sha256": 64, "sha512": 128}  # algorithm: hex digits
+URL_SCHEMES = ("https", "http", "file")
 MIN_DISK_MIB = 1
 MAX_DISK_MIB = 64 * 1024 * 1024

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 # The names of __all__ imported here are re-exported: the rest of vmrun reads them from here.
-from vmrun import naming, network, stackcheck
+from vmrun import bootcheck, naming, network, stackcheck
 from vmrun.collect import (
     BAD,
     MAX_PROBLEMS,
@@ -69,9 +69,11 @@ MANIFEST_NAMES = _MANIFEST_NAMES  # what find_manifest looks for (defined in lay
 @dataclass(frozen=True)
 class VM:
     name: str
-    kernel: Path
+    boot: str  # "kernel" | "bios" | "uefi"
+    kernel: Path | None  # with boot = "kernel" (and only then)
     initrd: Path | None
     cmdline: str
+    secure_boot: bool
     memory: int  # MiB
     cpus: int
     timeout: float | None
@@ -83,6 +85,9 @@ class VM:
     depends_on: tuple[tuple[str, str], ...]  # (VM name, "ready" | "ok"), resolved
     disks: tuple[Disk, ...]
     ephemeral: bool
+    on_reboot: str  # "restart" | "stop"
+    restart: str  # "no" | "on-failure" | "always"
+    restart_max: int
     networks: tuple[str, ...]
     forward: tuple[network.Forward, ...]
     cloud_init: CloudInit | None
@@ -236,6 +241,7 @@ def loads(
         values = {**defaults, **own}
         broken = {k for k in table if k in _VM_KEYS and k not in own}
         broken |= defaults_bad - set(table)
+        bootcheck.settle(col, where, table, values, broken)
         for key in (s.key for s in VM_SETTINGS if s.required and s.key not in values):
             if key not in broken:
                 col.add(where, f'missing required key "{key}"',

@@ -47,7 +47,6 @@ def vm_name_pattern() -> str:
 
 def manifest_schema() -> dict[str, Any]:
     """The JSON Schema of a stack manifest, as a fresh dict."""
-    required_vm_keys = [s.key for s in manifest.VM_SETTINGS if s.required]
     top = _table(manifest.STACK_SETTINGS, "A vmrun stack manifest (TOML).")
     top["properties"]["defaults"] = {
         "$ref": "#/$defs/defaults", "description": manifest.STACK_TABLES["defaults"]}
@@ -73,13 +72,12 @@ def manifest_schema() -> dict[str, Any]:
                                       "description": "IPv4 subnet, prefix /8 to /28"}}},
     }
     top["required"] = ["vm"]
-    # A VM needs each required key (kernel) unless [defaults] gives it: one if/then per key.
+    # A VM needs something to boot, a kernel or a disk, unless [defaults] gives one.
+    bootable = {"anyOf": [{"required": ["kernel"]}, {"required": ["disks"]}]}
     top["allOf"] = [{
-        "if": {"not": {"required": ["defaults"],
-                       "properties": {"defaults": {"required": [key]}}}},
-        "then": {"properties": {"vm": {"patternProperties": {
-            vm_name_pattern(): {"required": [key]}}}}},
-    } for key in required_vm_keys]
+        "if": {"not": {"required": ["defaults"], "properties": {"defaults": bootable}}},
+        "then": {"properties": {"vm": {"patternProperties": {vm_name_pattern(): bootable}}}},
+    }]
     top["$defs"] = {
         "vm": _table(manifest.VM_SETTINGS, "One VM: `[vm.NAME]`."),
         "defaults": _table(manifest.VM_SETTINGS, manifest.STACK_TABLES["defaults"]),

@@ -18,19 +18,24 @@ from vmrun import convert, fileconvert
 from vmrun.convert import SIZE_JSON_PATTERN, Converter
 from vmrun.limits import (
     ACCELS,
+    BOOT_MODES,
     DEPENDENCY_CONDITIONS,
     DISK_FORMATS,
+    DISK_MEDIA,
     MAX_COUNT,
     MAX_CPUS,
     MAX_DISK_MIB,
     MAX_DISKS,
     MAX_NETWORKS,
+    MAX_RESTARTS,
     MAX_SECONDS,
     MAX_VMS,
     MIN_DISK_MIB,
     MIN_MEMORY_MIB,
     NAME_RE,
     NETWORK_NAME_MAX,
+    ON_REBOOT,
+    RESTART_POLICIES,
     STACK_NAME_MAX,
     VM_NAME_MAX,
 )
@@ -91,14 +96,26 @@ STACK_SETTINGS: tuple[Setting, ...] = (
 )
 
 VM_SETTINGS: tuple[Setting, ...] = (
+    Setting("boot", "string", None, convert.choice(*BOOT_MODES),
+            '`"kernel"` boots `kernel` directly (no firmware); `"bios"` (SeaBIOS) and '
+            '`"uefi"` (OVMF) boot a disk through firmware, like a downloaded cloud image. '
+            'The first disk boots unless a disk says `boot = true`. Default: `"kernel"` '
+            'when `kernel` is set, `"bios"` otherwise.',
+            schema={"type": "string", "enum": list(BOOT_MODES)}),
     Setting("kernel", "path", None, fileconvert.file_path,
-            "Kernel image to boot directly, relative to the manifest's directory.",
-            required=True, schema=_FILE_SCHEMA),
+            'Kernel image to boot directly, relative to the manifest\'s directory (with '
+            '`boot = "kernel"` only).', schema=_FILE_SCHEMA),
     Setting("initrd", "path", None, fileconvert.file_path,
-            "Initial ramdisk, relative to the manifest's directory.", schema=_FILE_SCHEMA),
+            'Initial ramdisk, relative to the manifest\'s directory (with `boot = "kernel"` '
+            'only).', schema=_FILE_SCHEMA),
     Setting("cmdline", "string", "console=ttyS0", convert.string,
-            "Kernel command line. Keep `console=ttyS0` so the console can be streamed.",
+            'Kernel command line (with `boot = "kernel"` only). Keep `console=ttyS0` so the '
+            'console can be streamed.',
             schema={"type": "string"}),
+    Setting("secure_boot", "boolean", False, convert.boolean,
+            'With `boot = "uefi"`: the Secure Boot firmware with Microsoft\'s keys enrolled '
+            '(the host must have it: Debian\'s `ovmf` package does).',
+            schema={"type": "boolean"}),
     Setting("memory", "size", 256, convert.memory,
             'Guest memory: an integer number of MiB, or a string with a K, M, G or T '
             'suffix ("512M", "2G").', schema=_SIZE_SCHEMA),
@@ -140,10 +157,16 @@ VM_SETTINGS: tuple[Setting, ...] = (
     Setting("disks", "array of tables", (), fileconvert.disks,
             'Disks, attached as virtio disks vda, vdb, ... in order. `{ image = "base.qcow2" '
             '}` gets a copy-on-write overlay in the VM\'s state directory (the image is '
-            'never written); `{ size = "2G" }` is a blank disk; `readonly = true` attaches '
-            'an image read-only without an overlay. Images are raw or qcow2 (`format` '
-            'overrides detection). Overlays and blank disks are kept between runs unless '
-            '`ephemeral` is set or `vmrun up --fresh` is given.',
+            'never written; `size = "20G"` makes the overlay larger than the image); '
+            '`{ size = "2G" }` is a blank disk; `readonly = true` attaches an image '
+            'read-only without an overlay; `media = "cdrom"` attaches it as a read-only '
+            'CD-ROM (virtio-scsi). `image` may be an `https://`, `http://` or `file://` URL '
+            'with a `sha256` or `sha512` checksum: it is downloaded once into a cache '
+            '(`.xz`, `.gz` and `.zst` files are decompressed there); a local image may have '
+            'a checksum too. Images are raw or qcow2 (`format` overrides detection). '
+            '`boot = true` marks the disk firmware boots from (default: the first). '
+            'Overlays and blank disks are kept between runs unless `ephemeral` is set or '
+            '`vmrun up --fresh` is given; `up` refuses an overlay whose image changed since.',
             schema={"type": "array", "maxItems": MAX_DISKS, "items": {
                 "type": "object", "additionalProperties": False,
                 "properties": {"image": {"type": "string", "minLength": 1},
@@ -152,11 +175,28 @@ VM_SETTINGS: tuple[Setting, ...] = (
                                    {"type": "string", "pattern": SIZE_JSON_PATTERN},
                                    _INTERPOLATED]},
                                "readonly": {"type": "boolean"},
-                               "format": {"enum": list(DISK_FORMATS)}},
-                "oneOf": [{"required": ["image"]}, {"required": ["size"]}]}}),
+                               "format": {"enum": list(DISK_FORMATS)},
+                               "sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"},
+                               "sha512": {"type": "string", "pattern": "^[0-9a-fA-F]{128}$"},
+                               "media": {"enum": list(DISK_MEDIA)},
+                               "boot": {"type": "boolean"}},
+                "anyOf": [{"required": ["image"]}, {"required": ["size"]}]}}),
     Setting("ephemeral", "boolean", False, convert.boolean,
             "Start every overlay and blank disk anew on each run.",
             schema={"type": "boolean"}),
+    Setting("on_reboot", "string", "restart", convert.choice(*ON_REBOOT),
+            'What a reboot inside the guest does: `"restart"` (the guest comes back, in the '
+            'same run) or `"stop"` (the VM stops there, as after a poweroff: for one-shot '
+            'runs). A kernel panic is a failure either way.',
+            schema={"type": "string", "enum": list(ON_REBOOT)}),
+    Setting("restart", "string", "no", convert.choice(*RESTART_POLICIES),
+            'Start the VM again after it stopped: `"no"`, `"on-failure"` (after an outcome '
+            '`failed`) or `"always"`, at most `restart_max` times. Never after a stop on '
+            'request (`vmrun down`, Ctrl-C).',
+            schema={"type": "string", "enum": list(RESTART_POLICIES)}),
+    Setting("restart_max", "integer", 3, convert.restart_max,
+            "How many times `restart` may start the VM again in one run.",
+            schema={"type": "integer", "minimum": 0, "maximum": MAX_RESTARTS}),
     Setting("networks", "array", (), convert.network_names,
             "Private networks (`[network.NAME]`) the VM is attached to, as virtio NICs "
             "in this order; each gives it a fixed address and MAC (placeholders "

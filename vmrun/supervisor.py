@@ -35,6 +35,7 @@ from vmrun import (
     control,
     disks,
     domain,
+    firmware,
     host,
     lock,
     netns,
@@ -78,6 +79,7 @@ class Supervisor:
         self.teardown_deadline: float | None = None
         self.started_at = time.time()
         self.accel = ""
+        self.uefi: dict[str, firmware.Uefi] = {}  # VM name -> its firmware (boot = "uefi")
         self.netns_path: Path | None = None
         self.results = {vm.name: VMResult(vm.name, addresses=addresses_of(vm),
                                           console=str(self.paths.vm(vm.name).console_log),
@@ -90,6 +92,8 @@ class Supervisor:
         the_host = self.the_host or host.check(self.stack.accel)
         self.accel = the_host.accel.name
         netns.require_root(self.stack)
+        self.uefi = {vm.name: firmware.find(vm.secure_boot)
+                     for vm in self.stack.vms if vm.boot == "uefi"}
         for vm in self.stack.vms:
             disks.check_space(vm, self.paths.vm(vm.name), self.fresh)
         lock_fd = lock.take(self.paths, self.stack.name, str(self.stack.path))
@@ -150,7 +154,7 @@ class Supervisor:
         for vm in self.stack.vms:
             paths = self.paths.vm(vm.name)
             disks.remove_unused(vm, paths)
-            attachments[vm.name] = disks.prepare(vm, paths, self.fresh)
+            attachments[vm.name] = disks.prepare(vm, paths, self.fresh, self.uefi.get(vm.name))
             if vm.cloud_init is not None:
                 seed.write(paths.seed, seed.contents(self.stack, vm))
             roots.prepare(paths)
@@ -246,7 +250,8 @@ class Supervisor:
             if cache is not None:
                 roots.install_caps(cache, self.paths.vm(vm.name))
         xml = {vm.name: domain.to_string(domain.build(
-            vm, self.accel, self.paths.vm(vm.name).console_socket, attachments[vm.name]))
+            vm, self.accel, self.paths.vm(vm.name).console_socket, attachments[vm.name],
+            uefi=self.uefi.get(vm.name), nvram=self.paths.vm(vm.name).nvram))
             for vm in self.stack.vms}
         # Until this run ends, last-run.json says it has not.
         RunResult(self.stack.name, None, self.results, accel=self.accel).write(

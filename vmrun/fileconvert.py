@@ -237,7 +237,7 @@ def disks(value: Any, ctx: Context) -> tuple[Disk, ...]:
             disks.append(_disk(entry, ctx))
         except Invalid as exc:
             raise Invalid(exc.expected, hint=exc.hint, found=exc.found or describe(entry),
-                          where=f"[{number}]") from None
+                          where=f"[{number}]{exc.where}") from None
     return tuple(disks)
 
 

@@ -23,10 +23,14 @@ $(VENV)/.installed: pyproject.toml setup.py vmrun/_fastsig.pyx vmrun/_fastsig.px
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
-guest: $(GUEST)/vmlinuz $(GUEST)/initrd.gz $(GUEST)/base.qcow2
+guest: $(GUEST)/vmlinuz $(GUEST)/initrd.gz $(GUEST)/base.qcow2 $(GUEST)/bios.img $(GUEST)/uefi.img
 
 $(GUEST)/vmlinuz $(GUEST)/initrd.gz &: tests/guest/build.sh tests/guest/init
 	bash tests/guest/build.sh $(GUEST)
+
+# Bootable disks of the test guest for the firmware boot tests (SeaBIOS, OVMF).
+$(GUEST)/bios.img $(GUEST)/uefi.img &: tests/guest/build-disks.sh $(GUEST)/vmlinuz $(GUEST)/initrd.gz
+	bash tests/guest/build-disks.sh $(GUEST)
 
 # A small base image for examples/lab: its first line is a marker the guest can read.
 $(GUEST)/base.qcow2:

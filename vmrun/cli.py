@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from vmrun import __version__
 from vmrun.errors import EXIT_USAGE, UsageError, VmrunError
@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     render = sub.add_parser("render", help="print the domain XML vmrun would start")
     render.add_argument("words", nargs="*", metavar="[FILE] [VM]",
                         help=file_help + "; then only this VM")
+
+    pull = sub.add_parser("pull", help="fetch and verify every image of a stack ahead of time")
+    pull.add_argument("file", nargs="?", help=file_help)
 
     up = sub.add_parser("up", help="start every VM, stream consoles, wait until all stopped")
     up.add_argument("file", nargs="?", help=file_help)
@@ -137,9 +140,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from vmrun import disks, domain, firmware, host, operate
+    from vmrun import disks, domain, firmware, host, images, operate
 
-    stack = load(args)
+    stack = images.localize(load(args), fetch=False)
     if len(args.vms) > 1:
         raise UsageError(f"render takes one VM name, not {len(args.vms)}")
     names = operate.check_vm_names(stack.identity, args.vms)
@@ -161,7 +164,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     if args.wait and not args.detach:
         raise UsageError("--wait goes with --detach")
-    stack = load(args)
+    stack = localize(load(args), sys.stderr, cached_lines=False)
     if args.detach:
         return up_detached(stack, args.wait, args.fresh)
     display = view.make(args.progress, [vm.name for vm in stack.vms], args.quiet)
@@ -171,6 +174,25 @@ def cmd_up(args: argparse.Namespace) -> int:
         display.close()
     display.summary(result)
     return result.exit if result.exit is not None else 1
+
+
+def localize(stack: manifest.Stack, out: TextIO, cached_lines: bool = True) -> manifest.Stack:
+    """The stack with every image fetched and verified (images.localize), reported."""
+    from vmrun import images
+    from vmrun.pullview import ImageProgress
+
+    progress = ImageProgress(out, cached_lines)
+    try:
+        return images.localize(stack, progress)
+    finally:
+        progress.close()
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    stack = localize(load(args), sys.stdout)
+    if not any(disk.url for vm in stack.vms for disk in vm.disks):
+        print(f"vmrun: {args.file} has no image by URL", file=sys.stderr)
+    return 0
 
 
 def up_detached(stack: manifest.Stack, wait_ready: bool, fresh: bool) -> int:
@@ -337,7 +359,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 COMMANDS = {
     "check": cmd_check, "render": cmd_render, "up": cmd_up, "ps": cmd_ps, "down": cmd_down,
     "logs": cmd_logs, "console": cmd_console, "clean": cmd_clean, "doctor": cmd_doctor,
-    "schema": cmd_schema,
+    "schema": cmd_schema, "pull": cmd_pull,
 }
 
 

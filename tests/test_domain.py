@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from lxml import etree
 
 from vmrun import disks, domain

@@ -28,7 +28,7 @@ def test_specs_round_trip() -> None:
 
 @pytest.mark.parametrize("event", [
     p.Starting(), p.Running(pid=42), p.Running(), p.Ready(), p.Console(line="héllo \x1b"),
-    p.Stopping(reason="signal SIGINT"), p.Probed(),
+    p.Rebooted(), p.Stopping(reason="signal SIGINT"), p.Probed(),
     p.Result(outcome=p.Outcome.FAILED, reason="panic", started=1.5, stopped=2.0),
 ])
 def test_events_round_trip(event: p.DriverEvent) -> None:

@@ -9,8 +9,12 @@ import pytest
 
 from vmrun.protocol import Outcome
 from vmrun.watch import (
+    DESTROYED_AFTER_TIMEOUT,
+    DESTROYED_AT_ONCE,
     MAX_PATTERN_PROGRAM,
     POWER_BUTTON_REPEAT,
+    REBOOT_SETTLE,
+    STOPPED_CLEANLY,
     Action,
     PatternError,
     Rules,
@@ -98,8 +102,30 @@ def test_stop_presses_the_button_repeatedly_then_destroys() -> None:
     assert w.tick(5.0 + POWER_BUTTON_REPEAT) == [Action.PRESS_POWER_BUTTON]
     assert w.tick(15.0) == [Action.DESTROY]
     assert w.next_deadline() is None
-    # a guest that powers off when asked: stopped, not ok
-    assert w.outcome(Stopped.SHUTDOWN) == (Outcome.STOPPED, "signal SIGINT")
+    # the request's reason is what `Stopping` reports; the outcome's says how it went
+    assert w.outcome(Stopped.DESTROYED) == (Outcome.STOPPED, DESTROYED_AFTER_TIMEOUT)
+    assert DESTROYED_AFTER_TIMEOUT == "destroyed after stop_timeout"
+
+
+def test_a_guest_that_shuts_down_on_the_press_is_stopped_cleanly() -> None:
+    w = watch()
+    w.start(0.0)
+    w.stop("stopped by vmrun down", 10.0, 5.0)
+    assert w.tick(5.0 + POWER_BUTTON_REPEAT) == [Action.PRESS_POWER_BUTTON]
+    # powered off when asked: stopped, not ok
+    assert w.outcome(Stopped.SHUTDOWN) == (Outcome.STOPPED, STOPPED_CLEANLY)
+    assert STOPPED_CLEANLY == "stopped"
+    # ... also if it powered off just as the destroy went out
+    w.tick(15.0)
+    assert w.outcome(Stopped.SHUTDOWN) == (Outcome.STOPPED, STOPPED_CLEANLY)
+
+
+def test_stopping_guest_destroyed_or_crashed_by_someone_else() -> None:
+    w = watch()
+    w.start(0.0)
+    w.stop("signal SIGTERM", 10.0, 0.0)
+    assert w.outcome(Stopped.DESTROYED) == (Outcome.STOPPED, "destroyed from outside")
+    assert w.outcome(Stopped.OTHER) == (Outcome.STOPPED, "crashed")
 
 
 def test_second_stop_or_zero_timeout_destroys_now() -> None:
@@ -107,9 +133,11 @@ def test_second_stop_or_zero_timeout_destroys_now() -> None:
     w.start(0.0)
     w.stop("signal SIGTERM", 10.0, 1.0)
     assert w.stop("signal SIGTERM", 10.0, 2.0) == [Action.DESTROY]
+    assert w.outcome(Stopped.DESTROYED) == (Outcome.STOPPED, DESTROYED_AT_ONCE)
     w = watch()
     w.start(0.0)
     assert w.stop("stopped by vmrun down", 0.0, 1.0) == [Action.DESTROY]
+    assert w.outcome(Stopped.DESTROYED) == (Outcome.STOPPED, DESTROYED_AT_ONCE)
 
 
 def test_stop_after_failure_keeps_the_failure() -> None:
@@ -126,10 +154,32 @@ def test_destroy_request_and_failed_press() -> None:
     w.stop("signal SIGINT", 10.0, 0.0)
     assert w.press_failed() == [Action.DESTROY]
     assert w.next_deadline() is None
+    assert w.outcome(Stopped.DESTROYED) == (Outcome.STOPPED, DESTROYED_AT_ONCE)
     w = watch()
     w.start(0.0)
     assert w.destroy("destroyed on request") == [Action.DESTROY]
     assert w.outcome(Stopped.DESTROYED) == (Outcome.STOPPED, "destroyed on request")
+
+
+def test_a_reboot_changes_nothing_but_the_count() -> None:
+    w = watch(success="ALL OK", timeout=30.0)
+    w.start(0.0)
+    w.console("tests: ALL OK")
+    assert w.reset(10.0) == [Action.REPORT_REBOOTED]
+    assert w.reset(10.04) == []  # one reboot, two resets (seen: 42 ms apart)
+    assert w.reset(10.04 + REBOOT_SETTLE - 0.01) == []  # ... or more, in a burst
+    assert w.reset(20.0) == [Action.REPORT_REBOOTED]
+    assert w.reboots == 2
+    assert w.next_deadline() == 30.0  # the timeout runs on from the first boot
+    w.console("booting again")
+    # the success pattern seen before the reboot still counts
+    assert w.outcome(Stopped.SHUTDOWN) == (Outcome.OK, "")
+    # and after a reboot a panic or a failure is as bad as ever
+    w = watch(failure="FAIL")
+    w.start(0.0)
+    w.reset(1.0)
+    assert w.console("Kernel panic - not syncing: x") == [Action.DESTROY]
+    assert w.outcome(Stopped.DESTROYED) == (Outcome.FAILED, "panic")
 
 
 def test_stopped_without_a_decision() -> None:

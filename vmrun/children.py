@@ -46,6 +46,8 @@ class Child:
     ended_at: float | None = None
     result: p.Result | None = None
     probed: bool = False
+    reboots: int = 0  # Rebooted events: the guest came back in the same QEMU
+    recorded: bool = False  # its end is in the VM's result (vmrun.supervisor)
 
     @property
     def done(self) -> bool:

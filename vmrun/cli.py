@@ -260,18 +260,20 @@ def cmd_ps(args: argparse.Namespace) -> int:
             print("vmrun: its last run did not finish (its vmrun up was killed); "
                   f"`vmrun down {args.file}` removes what it left", file=sys.stderr)
         if last:
-            rows: list[tuple[str, ...]] = [("VM", "STATE", "OUTCOME", "REASON")]
-            rows += [(name, "stopped", vm.get("outcome") or "-", vm.get("reason") or "")
+            rows: list[tuple[str, ...]] = [("VM", "STATE", "OUTCOME", "RESTARTS", "REASON")]
+            rows += [(name, "stopped", vm.get("outcome") or "-", str(vm.get("restarts", 0)),
+                      vm.get("reason") or "")
                      for name, vm in last.get("vms", {}).items()]
             sys.stdout.write(_table(rows))
         return 1
     table: list[tuple[str, ...]] = [
-        ("VM", "STATE", "OUTCOME", "UPTIME", "ACCEL", "QEMU PID", "ADDRESSES", "FORWARDS",
-         "REASON")]
+        ("VM", "STATE", "OUTCOME", "UPTIME", "RESTARTS", "ACCEL", "QEMU PID", "ADDRESSES",
+         "FORWARDS", "REASON")]
     for name, vm in state.vms.items():
         addresses = ",".join(f"{net}={a.ip}" for net, a in vm.addresses.items())
         table.append((name, str(vm.state), str(vm.outcome or "-"), _age(vm.uptime),
-                      vm.accel or "-", str(vm.qemu_pid or "-"), addresses or "-",
+                      str(vm.restarts), vm.accel or "-", str(vm.qemu_pid or "-"),
+                      addresses or "-",
                       ",".join(vm.forwards) or "-", vm.reason or ""))
     sys.stdout.write(_table(table))
     return 0

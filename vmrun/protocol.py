@@ -44,6 +44,7 @@ class VMState(enum.StrEnum):
     READY = "ready"
     STOPPING = "stopping"  # asked to stop: ACPI pressed, destroy after a timeout
     STOPPED = "stopped"
+    RESTARTING = "restarting"  # its run ended; `restart` starts it again (supervisor only)
 
 
 # --- specs: what a child process is started with (its argv) ----------------------------
@@ -120,6 +121,13 @@ class Console(Message):
 
 
 @dataclasses.dataclass(frozen=True)
+class Rebooted(Message):
+    """The guest rebooted and came back in the same QEMU (on_reboot = "restart")."""
+
+    kind: ClassVar[str] = "rebooted"
+
+
+@dataclasses.dataclass(frozen=True)
 class Stopping(Message):
     kind: ClassVar[str] = "stopping"
     reason: str = ""
@@ -140,9 +148,9 @@ class Probed(Message):
     kind: ClassVar[str] = "probed"
 
 
-DriverEvent = Starting | Running | Ready | Console | Stopping | Result | Probed
-_EVENTS: tuple[type[Message], ...] = (Starting, Running, Ready, Console, Stopping, Result,
-                                       Probed)
+DriverEvent = Starting | Running | Ready | Console | Rebooted | Stopping | Result | Probed
+_EVENTS: tuple[type[Message], ...] = (Starting, Running, Ready, Console, Rebooted, Stopping,
+                                       Result, Probed)
 
 
 def decode_event(line: bytes) -> DriverEvent:
@@ -250,6 +258,8 @@ class VMStatus(Message):
     accel: str
     addresses: dict[str, Address]
     forwards: tuple[str, ...]
+    restarts: int = 0  # times `restart` started it again in this run of the stack
+    reboots: int = 0  # reboots inside the guest (on_reboot = "restart"), all its runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,8 +340,21 @@ class DownRequested(Message):
 
 
 @dataclasses.dataclass(frozen=True)
+class Restarting(Message):
+    """A run of the VM ended with `outcome`, and `restart` starts it again: this is
+    restart number `restart` of at most `restart_max`.  (In place of that run's Result:
+    a VM's Result note is its final outcome.)"""
+
+    kind: ClassVar[str] = "restarting"
+    outcome: Outcome
+    reason: str
+    restart: int
+    restart_max: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Tick(Message):
     kind: ClassVar[str] = "tick"
 
 
-Note = DriverEvent | Probing | Spawned | SignalReceived | DownRequested | Tick
+Note = DriverEvent | Probing | Spawned | SignalReceived | DownRequested | Restarting | Tick

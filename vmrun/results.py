@@ -28,6 +28,8 @@ class VMResult:
     addresses: dict[str, Address] = field(default_factory=dict)
     forwards: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    restarts: int = 0  # times `restart` started it again (the outcome is its last run's)
+    reboots: int = 0  # reboots inside the guest that it came back from, all runs
 
     @property
     def duration(self) -> float | None:
@@ -61,6 +63,8 @@ class RunResult:
                     "addresses": {net: a.to_dict() for net, a in r.addresses.items()},
                     "forwards": r.forwards,
                     "warnings": r.warnings,
+                    "restarts": r.restarts,
+                    "reboots": r.reboots,
                 }
                 for name, r in self.vms.items()
             },

@@ -1,4 +1,5 @@
-"""When each VM of a stack may start: `depends_on`, without processes or clocks.
+"""When each VM of a stack may start: `depends_on` and `restart`, without processes or
+clocks.
 
 The supervisor tells the scheduler what happened (a VM became ready, reported its
 outcome, its driver ended, a stop was requested) and asks it which VMs to start now and
@@ -9,6 +10,12 @@ the target ended with the outcome ok.  A dependency that can no longer be met (t
 target failed, stopped, ended without being ready, or never started) fails the VM
 without starting it.  After a stop request nothing starts any more: what was pending
 ends "stopped".
+
+A VM's `restart` policy starts it again when its driver has ended: "on-failure" after an
+outcome failed (a driver that died without one failed), "always" after any outcome but
+stopped (only a stop request stops a VM), at most `restart_max` times, and never once a
+stop was requested.  Only an outcome after which no restart will come is final; the
+dependencies wait for it: a VM restarted "always" meets `ok` only after its last run.
 """
 
 from __future__ import annotations
@@ -28,14 +35,34 @@ class NeverStarted:
     reason: str
 
 
+@dataclass(frozen=True)
+class Restart:
+    """A VM's restart policy (the manifest's `restart` and `restart_max`)."""
+
+    policy: str = "no"  # "no" | "on-failure" | "always"
+    max: int = 0
+
+    def wants(self, outcome: Outcome) -> bool:
+        """Whether a run that ended with `outcome` calls for another (count aside)."""
+        if outcome is Outcome.STOPPED:
+            return False
+        return self.policy == "always" or \
+            self.policy == "on-failure" and outcome is Outcome.FAILED
+
+
 class Scheduler:
-    def __init__(self, dependencies: Mapping[str, Dependencies]) -> None:
+    def __init__(self, dependencies: Mapping[str, Dependencies],
+                 restart: Mapping[str, Restart] | None = None) -> None:
         self.dependencies = dict(dependencies)
+        self.restart = dict(restart or {})
         self.pending: list[str] = list(dependencies)  # in manifest order
         self.started: set[str] = set()
         self.ready: set[str] = set()
-        self.outcomes: dict[str, Outcome] = {}
-        self.ended: set[str] = set()  # driver gone (with or without an outcome)
+        self.outcomes: dict[str, Outcome] = {}  # of each VM's latest run that had one
+        self.reported: set[str] = set()  # VMs whose current run has reported its outcome
+        self.final: set[str] = set()  # VMs whose outcome is final: no restart will come
+        self.restarting: list[str] = []  # ended, to be started again by due()
+        self.restarts: dict[str, int] = dict.fromkeys(dependencies, 0)
         self.never_started: dict[str, NeverStarted] = {}
         self.cancelled = False
 
@@ -44,20 +71,52 @@ class Scheduler:
     def on_ready(self, name: str) -> None:
         self.ready.add(name)
 
-    def on_outcome(self, name: str, outcome: Outcome) -> None:
-        self.outcomes[name] = outcome
+    def will_restart(self, name: str, outcome: Outcome) -> bool:
+        """Whether a run of `name` that ended with `outcome` is followed by another."""
+        policy = self.restart.get(name, Restart())
+        return not self.cancelled and self.restarts.get(name, 0) < policy.max and \
+            policy.wants(outcome)
 
-    def on_ended(self, name: str) -> None:
-        self.ended.add(name)
+    def on_outcome(self, name: str, outcome: Outcome) -> bool:
+        """The outcome of the VM's current run; True when it is final (no restart)."""
+        self.outcomes[name] = outcome
+        self.reported.add(name)
+        if self.will_restart(name, outcome):
+            return False
+        self.final.add(name)
+        return True
+
+    def on_ended(self, name: str) -> bool:
+        """The driver of the VM's current run is gone, with or without an outcome (then it
+        failed).  True when the VM is to start again: `due()` returns it next."""
+        if name in self.final:
+            return False
+        if name not in self.reported:
+            self.outcomes[name] = Outcome.FAILED  # its driver died without a word
+        if self.will_restart(name, self.outcomes[name]):
+            self.restarting.append(name)
+            return True
+        self.final.add(name)
+        return False
+
+    def restart_refused(self, name: str) -> None:
+        """A restart `due()` returned could not be started (a stop came first): the
+        outcome of the run before is final."""
+        self.restarts[name] -= 1
+        self.reported.add(name)
+        self.final.add(name)
 
     def cancel(self) -> list[NeverStarted]:
-        """A stop was requested: every pending VM ends without starting."""
+        """A stop was requested: every pending VM ends without starting, and no VM starts
+        again (the outcome of its last run is final)."""
         self.cancelled = True
         dropped = [NeverStarted(name, Outcome.STOPPED, "stopped before it started")
                    for name in self.pending]
         for entry in dropped:
             self.never_started[entry.name] = entry
         self.pending = []
+        self.final.update(self.restarting)
+        self.restarting = []
         return dropped
 
     # --- what to do ---
@@ -69,23 +128,28 @@ class Scheduler:
                 return f"dependency {target} failed"
             if target not in self.started:
                 return "waiting"
-            outcome = self.outcomes.get(target)
-            finished = outcome is not None or target in self.ended
+            final = target in self.final
             if condition == "ok":
-                if not finished:
+                if not final:
                     return "waiting"
-                if outcome is not Outcome.OK:
+                if self.outcomes.get(target) is not Outcome.OK:
                     return f"dependency {target} failed"
             elif target not in self.ready:
-                if not finished:
+                if not final:
                     return "waiting"
                 return f"dependency {target} failed"
         return "met"
 
     def due(self) -> tuple[list[str], list[NeverStarted]]:
-        """VMs to start now (marked started), and VMs that can never start."""
+        """VMs to start now (marked started; first the restarts, counted), and VMs that
+        can never start."""
         start: list[str] = []
         never: list[NeverStarted] = []
+        for name in self.restarting:
+            self.restarts[name] += 1
+            self.reported.discard(name)
+            start.append(name)
+        self.restarting = []
         progress = not self.cancelled
         while progress:
             progress = False
@@ -106,5 +170,5 @@ class Scheduler:
 
     @property
     def idle(self) -> bool:
-        """Nothing left to start."""
-        return not self.pending
+        """Nothing left to start (nor to start again)."""
+        return not self.pending and not self.restarting

@@ -13,9 +13,13 @@ Why it is built this way:
 * It is single-threaded (its signal handling relies on that) and never imports libvirt.
   Everything happens in one selector loop: the wake-up pipe of the C handlers, the
   drivers' event pipes and the control socket (vmrun.control).
-* The decisions live elsewhere, in pure code: when a VM may start (vmrun.scheduler),
-  what ends a VM and how (vmrun.watch, in each driver).  This module wires them up.
+* The decisions live elsewhere, in pure code: when a VM may start and start again
+  (vmrun.scheduler: `depends_on`, `restart`), what ends a VM and how (vmrun.watch, in
+  each driver).  This module wires them up.
 * When a driver dies without a result, its QEMU is killed here (it is our child by then).
+* A VM restarted by its `restart` policy gets a new driver on the same root and XML once
+  the old one is gone (its disks are kept); the listener hears `Restarting` in place of
+  that run's Result, and one Result per VM: the final one.
 """
 
 from __future__ import annotations
@@ -46,11 +50,11 @@ from vmrun import (
 from vmrun import protocol as p
 from vmrun.children import FORWARDED, Child, Children, describe_status
 from vmrun.errors import EXIT_FAILED, EXIT_OK, HostError
-from vmrun.layout import VMPaths
+from vmrun.layout import VMPaths, remove
 from vmrun.manifest import VM, Stack
 from vmrun.pidns import PidNamespace
 from vmrun.results import RunResult, VMResult, addresses_of, iso_time
-from vmrun.scheduler import NeverStarted, Scheduler
+from vmrun.scheduler import NeverStarted, Restart, Scheduler
 
 # After a stop signal, drivers get stop_timeout plus this long before they are killed.
 TEARDOWN_GRACE = 10.0
@@ -72,7 +76,10 @@ class Supervisor:
         self.listener: Listener = listener or (lambda vm, event, state: None)
         self.children = Children()  # given the lock in run()
         self.drivers: dict[str, Child] = {}  # by VM name
-        self.scheduler = Scheduler({vm.name: vm.depends_on for vm in stack.vms})
+        self.scheduler = Scheduler({vm.name: vm.depends_on for vm in stack.vms},
+                                   {vm.name: Restart(vm.restart, vm.restart_max)
+                                    for vm in stack.vms})
+        self.held: dict[str, p.Result] = {}  # results not told yet: a restart was to follow
         self.selector = selectors.DefaultSelector()
         self.signal: int | None = None
         self.down_requested = False
@@ -232,14 +239,29 @@ class Supervisor:
                 self.children.qemu_started(pid)
         elif isinstance(event, p.Ready):
             self.scheduler.on_ready(child.name)
+        elif isinstance(event, p.Rebooted):
+            child.reboots += 1
         elif isinstance(event, p.Result):
             child.result = event
-            if child.name:
-                self.scheduler.on_outcome(child.name, event.outcome)
+            if child.name and not self.scheduler.on_outcome(child.name, event.outcome):
+                self.held[child.name] = event  # told if no restart comes after all
+                self.listener(child.name, self.restarting(child.name, event),
+                              p.VMState.RESTARTING)
+                return
         elif isinstance(event, p.Probed):
             child.probed = True
         if child.name:
             self.listener(child.name, event, child.state)
+
+    def restarting(self, name: str, result: p.Result) -> p.Restarting:
+        return p.Restarting(outcome=result.outcome, reason=result.reason,
+                            restart=self.scheduler.restarts[name] + 1,
+                            restart_max=self.stack.vm(name).restart_max)
+
+    def release_held(self) -> None:
+        """Tell the results held for a restart that will not come (a stop came first)."""
+        for name in [n for n in self.held if n in self.scheduler.final]:
+            self.listener(name, self.held.pop(name), p.VMState.STOPPED)
 
     def supervise(self, the_host: host.Host,
                   attachments: dict[str, list[disks.Attachment]],
@@ -274,10 +296,18 @@ class Supervisor:
 
     def check_drivers(self) -> None:
         for child in self.drivers.values():
-            if child.done and child.name not in self.scheduler.ended:
-                self.scheduler.on_ended(child.name)
+            if child.done and not child.recorded:
                 if child.result is None:
                     self.children.kill_qemu(child)
+                self.record(child)
+                if self.scheduler.on_ended(child.name):
+                    self.held.pop(child.name, None)
+                    if child.result is None:  # the listener has heard nothing of this run
+                        died = p.Result(outcome=p.Outcome.FAILED,
+                                        reason=self.results[child.name].reason or "")
+                        self.listener(child.name, self.restarting(child.name, died),
+                                      p.VMState.RESTARTING)
+        self.release_held()
         if self.teardown_deadline is not None and time.monotonic() > self.teardown_deadline:
             for child in self.drivers.values():
                 if not child.done:
@@ -286,13 +316,15 @@ class Supervisor:
                         os.killpg(child.pid, signal.SIGKILL)
 
     def start_due(self, xml: dict[str, str]) -> None:
-        """Start every VM whose dependencies are met; end those that never will start."""
+        """Start every VM whose dependencies are met, and again those that `restart` says
+        so; end those that never will start."""
         if self.signal is not None or self.down_requested:
             self.never_started(self.scheduler.cancel(), notify=False)
         start, never = self.scheduler.due()
         self.never_started(never, notify=True)
         for name in start:
             self.start_vm(self.stack.vm(name), xml[name])
+        self.release_held()
 
     def never_started(self, entries: list[NeverStarted], notify: bool) -> None:
         for entry in entries:
@@ -304,6 +336,13 @@ class Supervisor:
 
     def start_vm(self, vm: VM, xml: str) -> None:
         paths = self.paths.vm(vm.name)
+        previous = self.drivers.get(vm.name)  # a restart: that driver is gone
+        if previous is not None and previous.result is None:
+            # It died without stopping its guest: the QEMU we killed must be gone, and
+            # libvirt's runtime state of it too, or the new driver cannot start the domain.
+            procs.kill_and_wait(procs.qemus_of(paths.root))
+            remove(paths.run_dir)
+            remove(paths.console_socket)
         spec = p.DriverSpec(
             name=vm.name, root=str(paths.root), xml=xml, pidfile=str(paths.pidfile),
             console_socket=str(paths.console_socket), attach_socket=str(paths.attach_socket),
@@ -315,9 +354,15 @@ class Supervisor:
         child = self.children.spawn_driver(vm.name, ["run", spec.to_json()], paths,
                                            paths.driver_log, proceed=self.may_start)
         if child is None:
+            if previous is not None:  # the outcome of its last run stands
+                self.scheduler.restart_refused(vm.name)
+                self.never_started(self.scheduler.cancel(), notify=False)
+                return
             self.never_started(self.scheduler.cancel() + [NeverStarted(
                 vm.name, p.Outcome.STOPPED, "stopped before it started")], notify=False)
             return
+        if previous is not None:
+            self.children.forget(previous)
         self.drivers[vm.name] = child
         self.watch_child(child)
         self.listener(vm.name, p.Spawned(pid=child.pid), child.state)
@@ -348,18 +393,30 @@ class Supervisor:
             self.wait(0.05)
         self.children.exits.pop(pid, None)
 
+    def record(self, child: Child) -> None:
+        """Fold the run of a driver that has ended into its VM's result: the outcome and
+        reason are the last run's, `started` the first run's."""
+        child.recorded = True
+        result = self.results[child.name]
+        if child.result is not None:
+            result.outcome, result.reason = child.result.outcome, child.result.reason
+            started, result.stopped = child.result.started, child.result.stopped
+            result.warnings += [w for w in child.result.warnings if w not in result.warnings]
+        else:
+            result.outcome = p.Outcome.FAILED
+            result.reason = f"driver died ({describe_status(child.status)})"
+            started, result.stopped = child.running_at, child.ended_at or time.time()
+        if result.started is None:
+            result.started = started
+        result.reboots += child.reboots
+        result.restarts = self.scheduler.restarts[child.name]
+
     def finish(self) -> RunResult:
-        for name, child in self.drivers.items():
-            result = self.results[name]
-            if child.result is not None:
-                result.outcome, result.reason = child.result.outcome, child.result.reason
-                result.started, result.stopped = child.result.started, child.result.stopped
-                result.warnings = list(child.result.warnings)
-            else:
-                result.outcome = p.Outcome.FAILED
-                result.reason = f"driver died ({describe_status(child.status)})"
-                result.started = child.running_at
-                result.stopped = child.ended_at or time.time()
+        for child in self.drivers.values():
+            if not child.recorded:
+                self.record(child)
+        for name, result in self.results.items():
+            result.restarts = self.scheduler.restarts[name]
         if self.signal is not None:
             code = 128 + self.signal
         elif all(r.outcome is p.Outcome.OK or
@@ -406,8 +463,11 @@ class Supervisor:
             state = p.VMState.WAITING if vm.name in self.scheduler.pending else \
                 p.VMState.STOPPED if outcome is not None else p.VMState.STARTING
             started = uptime = None
+            reboots = result.reboots
             if child is not None:
-                state = child.state
+                state = p.VMState.RESTARTING if vm.name in self.held or \
+                    vm.name in self.scheduler.restarting else child.state
+                reboots += 0 if child.recorded else child.reboots
                 if child.running_at is not None:
                     started = iso_time(child.running_at)
                     end = child.ended_at if child.state is p.VMState.STOPPED else None
@@ -417,7 +477,8 @@ class Supervisor:
             vms[vm.name] = p.VMStatus(
                 state=state, outcome=outcome, reason=reason, started=started,
                 uptime=uptime, qemu_pid=child.qemu_pid if child else None, accel=self.accel,
-                addresses=addresses_of(vm), forwards=tuple(str(f) for f in vm.forward))
+                addresses=addresses_of(vm), forwards=tuple(str(f) for f in vm.forward),
+                restarts=self.scheduler.restarts[vm.name], reboots=reboots)
         return p.StackStatus(stack=self.stack.name, pid=os.getpid(), accel=self.accel,
                              started=iso_time(self.started_at), manifest=str(self.stack.path),
                              stopping=self.signal is not None or self.down_requested, vms=vms)

@@ -50,14 +50,26 @@ def _note_text(vm: str, event: p.Note) -> str | None:
         return "vmrun down: shutting every VM down"
     if isinstance(event, p.Result):
         return f"{vm} {event.outcome}" + (f" ({event.reason})" if event.reason else "")
+    if isinstance(event, p.Restarting):
+        return (f"{vm} {event.outcome}" + (f" ({event.reason})" if event.reason else "") +
+                f": restarting ({event.restart} of {event.restart_max})")
+    if isinstance(event, p.Rebooted):
+        return f"{vm} rebooted"
     return None
+
+
+def _times(count: int, what: str) -> str:
+    return f"{what} {count} time" + ("s" if count != 1 else "")
 
 
 def summary_rows(result: Any) -> list[tuple[str, str, str, str]]:
     rows = []
     for name, vm in result.vms.items():
         duration = f"{vm.duration:.1f}s" if vm.duration is not None else "-"
-        notes = ([vm.reason] if vm.reason else []) + [f"warning: {w}" for w in vm.warnings]
+        notes = ([vm.reason] if vm.reason else []) + \
+            ([_times(vm.restarts, "restarted")] if vm.restarts else []) + \
+            ([_times(vm.reboots, "rebooted")] if vm.reboots else []) + \
+            [f"warning: {w}" for w in vm.warnings]
         reason = "; ".join(notes)
         rows.append((name, str(vm.outcome or "-"), duration, reason))
     return rows

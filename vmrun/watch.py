@@ -11,8 +11,16 @@ The rules:
   decide "failed" and destroy the guest at once; a stop request decides "stopped".
 * A stop request presses the ACPI power button, again every POWER_BUTTON_REPEAT seconds
   (a press before the guest's ACPI driver is up is lost), and destroys the guest after
-  its timeout; a second request, or a timeout of 0, destroys it at once.
+  its timeout; a second request, or a timeout of 0, destroys it at once.  The reason
+  says which: "stopped" (it shut down on the press), "destroyed after stop_timeout",
+  "destroyed at once".
 * A guest that powers off by itself is "ok", unless a `success` pattern never showed.
+* A reboot that brings the guest back in the same QEMU (on_reboot = "restart") changes
+  nothing of the above: the same timeouts run on, a `success` pattern seen before it
+  counts, a ready guest stays ready; `reset()` only counts it.  One reboot can reset
+  the machine more than once (the kernel tries one reset method after another; 2 resets
+  42 ms apart here): resets less than REBOOT_SETTLE apart count as one reboot.  (With
+  on_reboot = "stop", libvirt ends the domain at the reboot as at a poweroff: "ok".)
 
 Patterns are RE2 expressions (`compile_pattern`): RE2 does not backtrack, so a line costs
 time linear in its length whatever the pattern, and no pattern and line can pin the
@@ -31,7 +39,12 @@ from vmrun.protocol import Outcome
 
 # The kernel's own message; reported as the outcome "panic" as soon as it is seen.
 PANIC_PATTERN = r"Kernel panic - not syncing"
+# The reasons of a VM stopped on request, by how it went.
+STOPPED_CLEANLY = "stopped"
+DESTROYED_AFTER_TIMEOUT = "destroyed after stop_timeout"
+DESTROYED_AT_ONCE = "destroyed at once"
 POWER_BUTTON_REPEAT = 1.0  # seconds between ACPI power-button presses while stopping
+REBOOT_SETTLE = 2.0  # seconds: resets closer together than this are one reboot
 
 # The largest RE2 program (instructions, forward or reverse) a pattern may compile to.  A
 # match costs at most about program size x line length steps; this bounds a line of 16 KiB
@@ -94,6 +107,7 @@ class Action(enum.Enum):
     PRESS_POWER_BUTTON = "press"
     REPORT_READY = "ready"
     REPORT_STOPPING = "stopping"  # the reason is `Watch.decision`'s
+    REPORT_REBOOTED = "rebooted"
 
 
 class Stopped(enum.Enum):
@@ -115,6 +129,9 @@ class Watch:
         self.stop_deadline: float | None = None
         self.next_press: float | None = None
         self.stop_requests = 0
+        self.forced: str | None = None  # why a stop request ended in a destroy
+        self.reboots = 0
+        self.last_reset: float | None = None
 
     def _decide(self, outcome: Outcome, reason: str) -> None:
         if self.decision is None:
@@ -171,17 +188,30 @@ class Watch:
             self.next_press = now + POWER_BUTTON_REPEAT
             return [Action.REPORT_STOPPING, Action.PRESS_POWER_BUTTON]
         self.stop_deadline = self.next_press = None
+        self.forced = self.forced or DESTROYED_AT_ONCE
         return [Action.DESTROY]
 
     def destroy(self, reason: str) -> list[Action]:
+        """Destroy on request: stopped, for `reason`."""
         self._decide(Outcome.STOPPED, reason)
         self.stop_deadline = self.next_press = self.ready_deadline = None
+        self.forced = self.forced or reason
         return [Action.DESTROY]
 
     def press_failed(self) -> list[Action]:
         """The power button could not be pressed: destroy instead."""
         self.stop_deadline = self.next_press = None
+        self.forced = self.forced or DESTROYED_AT_ONCE
         return [Action.DESTROY]
+
+    def reset(self, now: float) -> list[Action]:
+        """The machine was reset (the guest rebooted) and runs on in the same QEMU: a
+        reboot is counted and reported, nothing else."""
+        last, self.last_reset = self.last_reset, now
+        if last is not None and now - last < REBOOT_SETTLE:
+            return []  # the same reboot
+        self.reboots += 1
+        return [Action.REPORT_REBOOTED]
 
     def next_deadline(self) -> float | None:
         times = [t for t in (self.deadline, self.ready_deadline, self.stop_deadline,
@@ -199,6 +229,7 @@ class Watch:
             actions += self._fail(f"not ready after {self.rules.ready_timeout:g}s")
         if self.stop_deadline is not None and now >= self.stop_deadline:
             self.stop_deadline = self.next_press = None
+            self.forced = self.forced or DESTROYED_AFTER_TIMEOUT
             actions.append(Action.DESTROY)
         elif self.next_press is not None and now >= self.next_press:
             self.next_press = now + POWER_BUTTON_REPEAT
@@ -208,6 +239,14 @@ class Watch:
     def outcome(self, how: Stopped) -> tuple[Outcome, str]:
         """How the run ended, once the domain has stopped (after the last console line)."""
         if self.decision is not None:
+            outcome = self.decision[0]
+            if outcome is Outcome.STOPPED and self.stop_requests:
+                # the request's reason said why; this says how it went
+                if how is Stopped.SHUTDOWN:
+                    return outcome, STOPPED_CLEANLY
+                if how is Stopped.DESTROYED:
+                    return outcome, self.forced or "destroyed from outside"
+                return outcome, "crashed"
             return self.decision
         if how is Stopped.SHUTDOWN:
             if self.rules.success is not None and not self.success_seen:

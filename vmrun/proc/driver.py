@@ -9,8 +9,8 @@ supervisor (the specs: vmrun.protocol), never by users.  It
 * opens ``qemu:///embed?root=ROOT`` (one root per process: libvirt refuses a second),
   starts the domain paused, attaches to its serial console, then resumes it, so not one
   console byte is lost;
-* reports Events (running, ready, console, stopping, result) on fd 3 and takes Commands
-  (stop, destroy) on stdin;
+* reports Events (running, ready, console, rebooted, stopping, result) on fd 3 and takes
+  Commands (stop, destroy) on stdin;
 * carries out what its `Watch` (vmrun.watch: the outcome rules) decides, and turns
   SIGINT/SIGTERM/SIGHUP into a stop request;
 * runs inside the stack's network namespace when the VM has networks.
@@ -63,7 +63,7 @@ class Events:
                 self.broken = True  # EPIPE: the supervisor is gone
 
 
-def open_root(root: str, on_lifecycle: Any) -> Any:
+def open_root(root: str, on_lifecycle: Any, on_reset: Any = None) -> Any:
     """Open the embedded driver on `root`, with libvirt's event loop in a thread."""
     libvirt.virEventRegisterDefaultImpl()
 
@@ -76,6 +76,10 @@ def open_root(root: str, on_lifecycle: Any) -> Any:
     conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
                                 lambda c, d, event, detail, o: on_lifecycle(event, detail),
                                 None)
+    if on_reset is not None:
+        # QEMU reset the guest in place (on_reboot = "restart"): same QEMU, same console
+        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT,
+                                    lambda c, d, o: on_reset(), None)
     return conn
 
 
@@ -146,7 +150,8 @@ class Driver:
     def run(self) -> int:
         self.events.send(p.Starting())
         try:
-            conn = open_root(self.spec.root, lambda e, d: self.post("lifecycle", e, d))
+            conn = open_root(self.spec.root, lambda e, d: self.post("lifecycle", e, d),
+                             lambda: self.post("reset", time.monotonic()))
             self.check_supervisor()
             self.dom = conn.createXML(self.spec.xml, libvirt.VIR_DOMAIN_START_PAUSED)
             self.qemu_pid = procs.read_pid(self.pidfile)
@@ -226,6 +231,8 @@ class Driver:
             self.carry_out(self.watch.destroy(event[1].reason))
         elif kind == "lifecycle" and event[1] == libvirt.VIR_DOMAIN_EVENT_CRASHED:
             self.carry_out(self.watch.crashed())
+        elif kind == "reset":
+            self.carry_out(self.watch.reset(event[1]))
 
     def carry_out(self, actions: list[Action]) -> None:
         for action in actions:
@@ -238,6 +245,8 @@ class Driver:
                     self.carry_out(self.watch.press_failed())
             elif action is Action.REPORT_READY:
                 self.events.send(p.Ready())
+            elif action is Action.REPORT_REBOOTED:
+                self.events.send(p.Rebooted())
             elif action is Action.REPORT_STOPPING:
                 decision = self.watch.decision
                 self.events.send(p.Stopping(reason=decision[1] if decision else ""))

@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 GUEST  := build/guest
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: all setup host venv guest demo test lint unit bench fuzz clean
+.PHONY: all setup host venv guest debian-guest demo test lint unit bench fuzz clean
 
 all: setup
 
@@ -23,7 +23,14 @@ $(VENV)/.installed: pyproject.toml setup.py vmrun/_fastsig.pyx vmrun/_fastsig.px
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
-guest: $(GUEST)/vmlinuz $(GUEST)/initrd.gz $(GUEST)/base.qcow2 $(GUEST)/bios.img $(GUEST)/uefi.img
+guest: $(GUEST)/vmlinuz $(GUEST)/initrd.gz $(GUEST)/base.qcow2 $(GUEST)/bios.img $(GUEST)/uefi.img debian-guest
+
+# A real Debian 12 guest disk (systemd, cloud-init, sshd; SeaBIOS and OVMF).
+# Cached in /var/cache/vmrun-test by the script's hash: fast after the first build.
+debian-guest: $(GUEST)/debian.qcow2
+
+$(GUEST)/debian.qcow2: tests/guest/build-debian.sh
+	bash tests/guest/build-debian.sh $(GUEST)
 
 $(GUEST)/vmlinuz $(GUEST)/initrd.gz &: tests/guest/build.sh tests/guest/init
 	bash tests/guest/build.sh $(GUEST)
@@ -54,8 +61,9 @@ test: setup lint
 fuzz: venv
 	VMRUN_FUZZ_COUNT=100000 $(BIN)/pytest -q -s tests/test_fuzz.py
 
+# BENCH_ARGS, e.g. "--runs 1 --only single,cli"; compare two runs: bench/compare.py OLD NEW
 bench: setup
-	$(BIN)/python bench/bench.py
+	$(BIN)/python bench/bench.py --json build/bench.json $(BENCH_ARGS)
 
 clean:
 	rm -rf build .venv vmrun/_fastsig.c vmrun/*.so examples/*/.vmrun

@@ -10,6 +10,7 @@ packages=(
     python3 python3-venv python3-dev            # the venv and the Cython extension
     cpio gzip xz-utils                          # to build the test guest
     iproute2                                    # private networks (ip netns)
+    passt                                       # outbound NAT (nat = true)
     ovmf                                        # UEFI firmware (boot = "uefi")
     fdisk mtools dosfstools e2fsprogs           # to build the bootable test disks
     syslinux syslinux-common grub-efi-amd64-bin #   (BIOS and UEFI boot loaders)

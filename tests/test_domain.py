@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from vmrun import disks, domain
+from vmrun import disks, domain, nat
 from vmrun.firmware import Uefi
 from vmrun.layout import VMPaths
 from vmrun.manifest import VM, Disk
 
 GOLDEN = Path(__file__).parent / "golden"
 
-_COMMON = dict(boot="kernel", secure_boot=False, on_reboot="restart", restart="no",
+_COMMON = dict(boot="kernel", secure_boot=False, on_reboot="restart", restart="no", nat=False,
                restart_max=3, count=1, depends_on=(), ephemeral=False, cloud_init=None,
                networks=(), forward=(), timeout=None, success=None, failure=None, ready=None,
                ready_timeout=120, xml_devices=None, disks=(), memory=256, cpus=1,
@@ -41,6 +41,7 @@ VMS = {
         name="gamma", boot="bios", kernel=None, disks=_DISKS)}),
     "uefi": VM(**{**_COMMON, **dict(  # type: ignore[arg-type]
         name="delta", boot="uefi", kernel=None, disks=_DISKS[:1])}),
+    "nat": VM(**{**_COMMON, **dict(name="zeta", nat=True)}),  # type: ignore[arg-type]
     "secure": VM(**{**_COMMON, **dict(  # type: ignore[arg-type]
         name="epsilon", boot="uefi", kernel=None, secure_boot=True, disks=_DISKS[:1])}),
 }
@@ -52,8 +53,9 @@ def _build(vm: VM, accel: str) -> etree._Element:
     attachments = disks.plan(vm, VMPaths(vm.name, Path("/state"), Path("/state/root"),
                                          Path("/root")))
     uefi = UEFI[vm.secure_boot] if vm.boot == "uefi" else None
+    link = nat.Link(Path("/root/nat/passt.sock"), nat.mac("t", vm.name)) if vm.nat else None
     return domain.build(vm, accel, Path("/root/console.sock"), attachments, uefi=uefi,
-                        nvram=Path("/state/nvram.fd"))
+                        nvram=Path("/state/nvram.fd"), nat_link=link)
 
 
 @pytest.mark.parametrize("accel", ["tcg", "kvm"])

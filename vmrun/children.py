@@ -124,10 +124,13 @@ class Children:
             child.status = self.exits.pop(pid)
         return child
 
-    def spawn_other(self, argv: Sequence[str], fds: dict[int, int], log: Path) -> int:
-        """Start a helper process (the forwarder); its exit is in `exits` when reaped."""
+    def spawn_other(self, argv: Sequence[str], fds: dict[int, int], log: Path,
+                    python: bool = True) -> int:
+        """Start a helper process (the forwarder: a Python module; passt: a program); its
+        exit is in `exits` when reaped."""
+        command = [sys.executable, "-m", *argv] if python else list(argv)
         with self.born_inside():
-            pid = spawn([sys.executable, "-m", *argv], fds=fds, env=os.environ, log=log)
+            pid = spawn(command, fds=fds, env=os.environ, log=log)
         assert pid is not None  # no `proceed`: always started
         return pid
 

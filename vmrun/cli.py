@@ -140,7 +140,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from vmrun import disks, domain, firmware, host, images, operate
+    from vmrun import disks, domain, firmware, host, images, nat, operate
 
     stack = images.localize(load(args), fetch=False)
     if len(args.vms) > 1:
@@ -152,8 +152,9 @@ def cmd_render(args: argparse.Namespace) -> int:
     for vm in vms:
         vm_paths = paths.vm(vm.name)
         uefi = firmware.find(vm.secure_boot) if vm.boot == "uefi" else None
+        link = nat.Link(vm_paths.nat_socket, nat.mac(stack.name, vm.name)) if vm.nat else None
         xml = domain.build(vm, accel.name, vm_paths.console_socket, disks.plan(vm, vm_paths),
-                           uefi=uefi, nvram=vm_paths.nvram)
+                           uefi=uefi, nvram=vm_paths.nvram, nat_link=link)
         sys.stdout.write(domain.to_string(xml))
     return 0
 

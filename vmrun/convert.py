@@ -278,6 +278,15 @@ def choice(*choices: str) -> Converter:
     return convert
 
 
+def nat(value: Any, ctx: Context) -> bool | str:
+    """nat = false | true | "no-host" (truthy when the VM has NAT)."""
+    if isinstance(value, bool):
+        return value
+    if value == "no-host":
+        return "no-host"
+    raise Invalid('true, false or "no-host"')
+
+
 def restart_max(value: Any, ctx: Context) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or \
             not 0 <= value <= MAX_RESTARTS:

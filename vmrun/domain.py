@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lxml import etree
 
+from vmrun import nat
 from vmrun.disks import Attachment
 from vmrun.errors import ManifestError, Problem
 from vmrun.firmware import Uefi
@@ -14,6 +15,7 @@ from vmrun.layout import bridge_name, tap_name
 from vmrun.manifest import VM, Stack
 
 MACHINE = "q35"
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 ARCH = "x86_64"
 
 
@@ -25,10 +27,12 @@ def _sub(parent: etree._Element, tag: str, text: str | None = None, **attrs: str
 
 
 def build(vm: VM, accel: str, console_socket: Path, disks: Sequence[Attachment] = (),
-          uefi: Uefi | None = None, nvram: Path | None = None) -> etree._Element:
+          uefi: Uefi | None = None, nvram: Path | None = None,
+          nat_link: nat.Link | None = None) -> etree._Element:
     """The <domain> element for `vm`, accelerated by "kvm" or "tcg", with its disk files
-    (and, for boot = "uefi", the firmware and the VM's variables file)."""
-    domain = etree.Element("domain", type="kvm" if accel == "kvm" else "qemu")
+    (for boot = "uefi", the firmware and the VM's variables file; with nat, passt's link)."""
+    domain = etree.Element("domain", type="kvm" if accel == "kvm" else "qemu",
+                           nsmap={"qemu": QEMU_NS} if nat_link else None)
     _sub(domain, "name", vm.name)
     _sub(domain, "memory", str(vm.memory * 1024), unit="KiB")
     _sub(domain, "vcpu", str(vm.cpus))
@@ -80,6 +84,11 @@ def build(vm: VM, accel: str, console_socket: Path, disks: Sequence[Attachment] 
             _sub(element, "boot", order="1")
     if scsi:
         _sub(devices, "controller", type="scsi", index="0", model="virtio-scsi")
+    if nat_link is not None:  # the NAT NIC's root port (see nat.PORT_INDEX)
+        port = _sub(devices, "controller", type="pci", index=str(nat.PORT_INDEX),
+                    model="pcie-root-port")
+        _sub(port, "address", type="pci", domain="0x0000", bus="0x00",
+             slot=f"0x{nat.PORT_SLOT:02x}", function="0x0")
     for address in vm.addresses:
         nic = _sub(devices, "interface", type="bridge")
         _sub(nic, "source", bridge=bridge_name(address.network))  # in the stack's netns
@@ -105,6 +114,13 @@ def build(vm: VM, accel: str, console_socket: Path, disks: Sequence[Attachment] 
         # under TCG (docs/performance.md).  A USB controller in xml_devices wins.
         usb = etree.Element("controller", type="usb", model="none")
         devices.insert(devices.index(serial), usb)
+    if nat_link is not None:
+        # libvirt 9.0 has no interface type for a passt that runs outside the driver's
+        # network namespace (vmrun/nat.py says why it must): the NIC is given to QEMU
+        # directly.
+        commandline = etree.SubElement(domain, f"{{{QEMU_NS}}}commandline")
+        for arg in nat_link.qemu_args():
+            etree.SubElement(commandline, f"{{{QEMU_NS}}}arg", value=arg)
     return domain
 
 

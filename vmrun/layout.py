@@ -100,6 +100,13 @@ def short_root_base() -> Path:
     return Path(runtime) / "vmrun" if runtime else Path(f"/tmp/vmrun-{os.getuid()}")
 
 
+def nat_socket_base() -> Path:
+    """Where passt's sockets live.  As root, passt runs as `nobody`, who must reach its
+    socket's directory: a base of root's (mode 0711: others may pass, not list) holding
+    one directory of nobody's per VM.  Otherwise a directory of the user's."""
+    return Path("/run/vmrun-nat") if os.geteuid() == 0 else short_root_base() / "nat"
+
+
 @contextlib.contextmanager
 def short_socket_path(socket: Path) -> Iterator[str]:
     """A path to `socket` short enough for bind()/connect() however deep its directory:
@@ -157,6 +164,16 @@ class VMPaths:
 
     def disk(self, index: int) -> Path:
         return self.dir / f"disk-{index}.qcow2"
+
+    @property
+    def nat_socket(self) -> Path:
+        """passt's socket for the VM's NAT NIC, in a directory of its own (see nat.py)."""
+        digest = hashlib.sha256(str(self.root).encode()).hexdigest()[:16]
+        return nat_socket_base() / digest / "passt.sock"
+
+    @property
+    def nat_log(self) -> Path:
+        return self.dir / "passt.log"
 
     @property
     def nvram(self) -> Path:

@@ -89,6 +89,7 @@ class VM:
     restart: str  # "no" | "on-failure" | "always"
     restart_max: int
     networks: tuple[str, ...]
+    nat: bool | str  # False | True | "no-host": truthy with a NAT NIC
     forward: tuple[network.Forward, ...]
     cloud_init: CloudInit | None
     xml_devices: str | None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from vmrun import nat
 from vmrun.manifest import VM, Stack
 
 VOLUME_LABEL = "cidata"
@@ -30,13 +31,14 @@ def contents(stack: Stack, vm: VM) -> dict[str, bytes]:
         files["meta-data"] = default_meta_data(stack, vm)
     if vm.cloud_init.network_config is not None:
         files["network-config"] = vm.cloud_init.network_config.read_bytes()
-    elif vm.addresses:
-        files["network-config"] = default_network_config(vm)
+    elif vm.addresses or vm.nat:
+        files["network-config"] = default_network_config(stack, vm)
     return files
 
 
-def default_network_config(vm: VM) -> bytes:
-    """cloud-init network config (version 2): each NIC, matched by MAC, gets its address."""
+def default_network_config(stack: Stack, vm: VM) -> bytes:
+    """cloud-init network config (version 2): each private NIC, matched by MAC, gets its
+    address (no gateway); the NAT NIC, if any, DHCP: the default route and DNS."""
     lines = ["version: 2", "ethernets:"]
     for address in vm.addresses:
         lines += [f"  {address.network}:",
@@ -44,6 +46,12 @@ def default_network_config(vm: VM) -> bytes:
                   f'      macaddress: "{address.mac}"',
                   f"    set-name: {address.network}",
                   f"    addresses: [{address.cidr}]"]
+    if vm.nat:
+        lines += ["  nat:",
+                  "    match:",
+                  f'      macaddress: "{nat.mac(stack.name, vm.name)}"',
+                  "    set-name: nat",
+                  "    dhcp4: true"]
     return ("\n".join(lines) + "\n").encode()
 
 

@@ -203,6 +203,12 @@ VM_SETTINGS: tuple[Setting, ...] = (
             "`{net.NAME.ip}` etc. in cmdline).",
             schema={"type": "array", "items": {"type": "string"}, "uniqueItems": True,
                     "maxItems": MAX_NETWORKS}),
+    Setting("nat", "boolean or string", False, convert.nat,
+            'Outbound network: `true` gives the VM a user-mode NIC (passt) with DHCP, a '
+            'default route and DNS, so it reaches the internet and the host\'s loopback '
+            '(through its gateway 10.0.2.2); `"no-host"` the same without the host\'s '
+            'loopback. Default `false`: the VM reaches nothing outside its stack.',
+            schema={"anyOf": [{"type": "boolean"}, {"enum": ["no-host"]}]}),
     Setting("forward", "array", (), convert.forwards,
             'Host TCP ports forwarded to the VM\'s first network address: "8080:80" '
             '(host 127.0.0.1:8080 to guest port 80) or "ADDRESS:HOSTPORT:GUESTPORT".',

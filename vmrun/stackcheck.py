@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from vmrun import network
+from vmrun import nat, network
 from vmrun.collect import Collector
 from vmrun.convert import Invalid, describe, did_you_mean
 from vmrun.limits import MAX_NETWORKS, NAME_RE, NETWORK_NAME_MAX
@@ -174,6 +174,8 @@ def placeholder_values(vm: VM, stack_name: str,
         values[prefix + "mac"] = address.mac
         if networks and address.network in networks:
             values[prefix + "gateway"] = str(networks[address.network].gateway)
+    if vm.nat:
+        values |= nat.placeholder_values(stack_name, vm.name)
     return values
 
 

@@ -42,6 +42,7 @@ from vmrun import (
     firmware,
     host,
     lock,
+    nat,
     netns,
     procs,
     roots,
@@ -87,6 +88,7 @@ class Supervisor:
         self.started_at = time.time()
         self.accel = ""
         self.uefi: dict[str, firmware.Uefi] = {}  # VM name -> its firmware (boot = "uefi")
+        self.passts: dict[str, int] = {}  # VM name -> pid of the passt of its NAT NIC
         self.netns_path: Path | None = None
         self.results = {vm.name: VMResult(vm.name, addresses=addresses_of(vm),
                                           console=str(self.paths.vm(vm.name).console_log),
@@ -101,6 +103,7 @@ class Supervisor:
         netns.require_root(self.stack)
         self.uefi = {vm.name: firmware.find(vm.secure_boot)
                      for vm in self.stack.vms if vm.boot == "uefi"}
+        nat.require(any(vm.nat for vm in self.stack.vms))
         for vm in self.stack.vms:
             disks.check_space(vm, self.paths.vm(vm.name), self.fresh)
         lock_fd = lock.take(self.paths, self.stack.name, str(self.stack.path))
@@ -273,7 +276,9 @@ class Supervisor:
                 roots.install_caps(cache, self.paths.vm(vm.name))
         xml = {vm.name: domain.to_string(domain.build(
             vm, self.accel, self.paths.vm(vm.name).console_socket, attachments[vm.name],
-            uefi=self.uefi.get(vm.name), nvram=self.paths.vm(vm.name).nvram))
+            uefi=self.uefi.get(vm.name), nvram=self.paths.vm(vm.name).nvram,
+            nat_link=nat.Link(self.paths.vm(vm.name).nat_socket,
+                              nat.mac(self.stack.name, vm.name)) if vm.nat else None))
             for vm in self.stack.vms}
         # Until this run ends, last-run.json says it has not.
         RunResult(self.stack.name, None, self.results, accel=self.accel).write(
@@ -288,7 +293,9 @@ class Supervisor:
         for child in self.drivers.values():
             self.children.kill_qemu(child)  # it should be gone: make sure
             self.children.forget(child)
-        self.stop_forwarder(forwarder)
+        for name in list(self.passts):
+            self.stop_passt(name)
+        self.stop_helper(forwarder)
         deadline = time.monotonic() + 5  # let the last QEMU zombies be reaped
         while not self.children.settle_qemus() and time.monotonic() < deadline:
             self.wait(0.05)
@@ -299,6 +306,7 @@ class Supervisor:
             if child.done and not child.recorded:
                 if child.result is None:
                     self.children.kill_qemu(child)
+                self.stop_passt(child.name)
                 self.record(child)
                 if self.scheduler.on_ended(child.name):
                     self.held.pop(child.name, None)
@@ -351,6 +359,8 @@ class Supervisor:
             stop_timeout=self.stack.stop_timeout, supervisor_pid=self.children.parent_pid,
             netns=str(self.netns_path) if vm.networks and self.netns_path else None,
             own_proc=self.children.pidns is not None)
+        if vm.nat:
+            self.start_passt(vm, paths)
         child = self.children.spawn_driver(vm.name, ["run", spec.to_json()], paths,
                                            paths.driver_log, proceed=self.may_start)
         if child is None:
@@ -383,7 +393,28 @@ class Supervisor:
         return self.children.spawn_other(["vmrun.proc.forward", spec.to_json()], fds,
                                          self.paths.forward_log)
 
-    def stop_forwarder(self, pid: int | None) -> None:
+    def start_passt(self, vm: VM, paths: VMPaths) -> None:
+        """Start the passt of `vm`'s NAT NIC (vmrun/nat.py) and wait until its socket is
+        there, for QEMU connects to it as it starts."""
+        self.stop_passt(vm.name)  # a restart's previous one
+        nat.prepare_socket_dir(paths.nat_socket.parent)
+        paths.nat_log.write_bytes(b"")
+        pid = self.children.spawn_other(nat.passt_argv(paths.nat_socket, vm.nat != "no-host"),
+                                        {}, paths.nat_log, python=False)
+        self.passts[vm.name] = pid
+        deadline = time.monotonic() + 5
+        while not paths.nat_socket.exists():
+            if pid in self.children.exits or time.monotonic() > deadline:
+                raise HostError(f"VM {vm.name}: passt did not start (see {paths.nat_log})")
+            self.wait(0.01)
+
+    def stop_passt(self, name: str) -> None:
+        if name in self.passts:
+            self.stop_helper(self.passts.pop(name))
+            nat.remove_socket_dir(self.paths.vm(name).nat_socket.parent)
+
+    def stop_helper(self, pid: int | None) -> None:
+        """Kill a helper (the forwarder, a passt) and wait until it is reaped."""
         if pid is None:
             return
         with contextlib.suppress(ProcessLookupError):

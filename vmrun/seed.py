@@ -13,6 +13,7 @@ from pathlib import Path
 
 from vmrun import nat
 from vmrun.manifest import VM, Stack
+from vmrun.stackcheck import fill_known_placeholders, other_vms_values, placeholder_values
 
 VOLUME_LABEL = "cidata"
 
@@ -24,7 +25,7 @@ def default_meta_data(stack: Stack, vm: VM) -> bytes:
 def contents(stack: Stack, vm: VM) -> dict[str, bytes]:
     """The seed's files, by name."""
     assert vm.cloud_init is not None
-    files = {"user-data": vm.cloud_init.user_data.read_bytes()}
+    files = {"user-data": user_data(stack, vm)}
     if vm.cloud_init.meta_data is not None:
         files["meta-data"] = vm.cloud_init.meta_data.read_bytes()
     else:
@@ -34,6 +35,20 @@ def contents(stack: Stack, vm: VM) -> dict[str, bytes]:
     elif vm.addresses or vm.nat:
         files["network-config"] = default_network_config(stack, vm)
     return files
+
+
+def user_data(stack: Stack, vm: VM) -> bytes:
+    """The user's user-data with the manifest's placeholders filled in: {vm.name},
+    {index}, {net.NAME.ip}, {vm.OTHER.net.NAME.ip}, {nat.ip}... (only those: other braces
+    are the YAML's, JSON's or Jinja's own).  Not UTF-8: given as it is."""
+    assert vm.cloud_init is not None
+    raw = vm.cloud_init.user_data.read_bytes()
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        return raw
+    values = placeholder_values(vm, stack.name, stack.networks) | other_vms_values(stack.vms)
+    return fill_known_placeholders(text, values).encode()
 
 
 def default_network_config(stack: Stack, vm: VM) -> bytes:

@@ -49,6 +49,25 @@ def fill_placeholders(text: str, values: Mapping[str, str]) -> str:
     return _PLACEHOLDER_RE.sub(replace, text)
 
 
+def fill_known_placeholders(text: str, values: Mapping[str, str]) -> str:
+    """Replace the placeholders of `values` only; any other brace is left as it is (for
+    cloud-init user-data, where braces are YAML, JSON or Jinja of their own)."""
+    return re.sub(r"\{([A-Za-z0-9_.-]+)\}",
+                  lambda match: values.get(match.group(1), match.group(0)), text)
+
+
+def other_vms_values(vms: list[VM] | tuple[VM, ...]) -> dict[str, str]:
+    """{vm.OTHER.net.NAME.ip} etc.: every VM's addresses, for the others' placeholders."""
+    others: dict[str, str] = {}
+    for vm in vms:
+        for address in vm.addresses:
+            prefix = f"vm.{vm.name}.net.{address.network}."
+            others[prefix + "ip"] = str(address.ip)
+            others[prefix + "cidr"] = address.cidr
+            others[prefix + "mac"] = address.mac
+    return others
+
+
 def check_duplicates(col: Collector, vms: list[VM]) -> None:
     seen: dict[str, str] = {}
     for vm in list(vms):
@@ -186,13 +205,7 @@ def fill_cmdlines(col: Collector, vms: list[VM], stack_name: str,
     once other problems are fixed ({net.NAME.ip} of an invalid network, say) is not
     reported."""
     reported: set[str] = set()
-    others: dict[str, str] = {}  # {vm.OTHER.net.NAME.ip} etc.: other VMs' addresses
-    for vm in vms:
-        for address in vm.addresses:
-            prefix = f"vm.{vm.name}.net.{address.network}."
-            others[prefix + "ip"] = str(address.ip)
-            others[prefix + "cidr"] = address.cidr
-            others[prefix + "mac"] = address.mac
+    others = other_vms_values(vms)
     for i, vm in enumerate(vms):
         if "cmdline" in bad[vm.name]:
             continue

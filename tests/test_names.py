@@ -1,0 +1,64 @@
+"""Names between VMs (/etc/hosts by a boothook) and placeholders in cloud-init user-data,
+without a guest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vmrun import manifest, names, seed
+
+
+def load(directory: Path, text: str) -> manifest.Stack:
+    (directory / "vmlinuz").write_bytes(b"kernel")
+    path = directory / "s.toml"
+    path.write_text(text)
+    return manifest.loads(text, path, environ={}, host_memory=1 << 20)
+
+
+STACK = """
+[network.lan]
+[network.back]
+[vm.web]
+kernel = "vmlinuz"
+networks = ["lan"]
+cloud_init = { user_data = "web.yaml" }
+[vm.db]
+kernel = "vmlinuz"
+networks = ["back", "lan"]
+nat = true
+cloud_init = { user_data = "db.yaml" }
+[vm.cache]
+kernel = "vmlinuz"
+networks = ["back"]
+"""
+
+
+def test_user_data_placeholders_are_filled_and_other_braces_kept(tmp_path: Path) -> None:
+    (tmp_path / "web.yaml").write_text(
+        "#cloud-config\n# {vm.name} #{index} of {stack.name}: me {net.lan.ip}, "
+        "db {vm.db.net.lan.ip}\nbootcmd: [\"echo {{ ds.meta_data }} {unknown} {}\"]\n")
+    (tmp_path / "db.yaml").write_bytes(b"#cloud-config\n# nat {nat.ip} \xff\n")
+    stack = load(tmp_path, STACK)
+    web, db = stack.vm("web"), stack.vm("db")
+    text = seed.contents(stack, web)["user-data"].decode()
+    assert (f"# web #1 of s: me {web.addresses[0].ip}, db {db.addresses[1].ip}\n"
+            in text)
+    assert '"echo {{ ds.meta_data }} {unknown} {}"' in text
+    # not UTF-8: given as it is
+    assert seed.contents(stack, db)["user-data"] == b"#cloud-config\n# nat {nat.ip} \xff\n"
+
+
+def test_hosts_entries_cover_the_shared_networks(tmp_path: Path) -> None:
+    (tmp_path / "web.yaml").write_text("#cloud-config\n")
+    (tmp_path / "db.yaml").write_text("#cloud-config\n")
+    stack = load(tmp_path, STACK)
+    ip = {(vm.name, a.network): str(a.ip) for vm in stack.vms for a in vm.addresses}
+    assert names.hosts_entries(stack, stack.vm("web")) == [
+        (ip["web", "lan"], ["web", "web.lan"]), (ip["db", "lan"], ["db", "db.lan"])]
+    assert names.hosts_entries(stack, stack.vm("db")) == [
+        (ip["db", "back"], ["db", "db.back"]), (ip["cache", "back"], ["cache", "cache.back"]),
+        (ip["web", "lan"], ["web", "web.lan"]), (ip["db", "lan"], ["db.lan"])]
+    hook = names.hosts_boothook(stack, stack.vm("web"))
+    assert hook is not None and hook.startswith(b"#cloud-boothook\n#!/bin/sh\n")
+    assert f"{ip['db', 'lan']} db db.lan # vmrun\n".encode() in hook
+    assert b"sed -i '/ # vmrun$/d' /etc/hosts" in hook

@@ -18,6 +18,7 @@ from pathlib import Path
 from vmrun import host, procs
 from vmrun.errors import HostError
 from vmrun.layout import OWNER_FILE, VMPaths, caps_cache_base, private_dir, short_root_base
+from vmrun.proc import affinity
 
 QEMU_CONF_ROOT = """\
 # Written by vmrun for its embedded driver root.
@@ -99,7 +100,9 @@ def collect_garbage() -> list[Path]:
 
 def caps_cache_dir(the_host: host.Host) -> Path:
     """Where QEMU's capabilities are cached for this host's QEMU and libvirt build."""
-    key = []
+    # The CPU probes and drivers open roots on (vmrun/proc/affinity.py): libvirt probes
+    # again when it finds the CPUID data of another.
+    key = [f"cpu{affinity.cpu()}"]
     for path in (the_host.qemu, the_host.libvirt_driver):
         st = os.stat(path)
         key.append(f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}")

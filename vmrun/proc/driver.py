@@ -39,6 +39,7 @@ from typing import Any
 
 from vmrun import _fastsig, console, procs
 from vmrun import protocol as p
+from vmrun.proc import affinity
 from vmrun.watch import Action, Rules, Stopped, Watch, regex_matcher
 
 libvirt: Any = None  # imported by main(), after setns (see above)
@@ -85,9 +86,10 @@ def open_root(root: str, on_lifecycle: Any, on_reset: Any = None) -> Any:
 
 def probe(spec: p.ProbeSpec, events: Events) -> int:
     """Only make libvirt probe QEMU's capabilities into this root's cache."""
-    conn = open_root(spec.root, lambda event, detail: None)
     try:
-        conn.getDomainCapabilities(spec.emulator, "x86_64", "q35", spec.virttype)
+        with affinity.one_cpu():  # the CPU every driver opens its root on (see there)
+            conn = open_root(spec.root, lambda event, detail: None)
+            conn.getDomainCapabilities(spec.emulator, "x86_64", "q35", spec.virttype)
     except libvirt.libvirtError as exc:
         events.send(p.Result(outcome=p.Outcome.FAILED, reason=f"probe: {exc}"))
         return 1
@@ -150,8 +152,9 @@ class Driver:
     def run(self) -> int:
         self.events.send(p.Starting())
         try:
-            conn = open_root(self.spec.root, lambda e, d: self.post("lifecycle", e, d),
-                             lambda: self.post("reset", time.monotonic()))
+            with affinity.one_cpu():  # libvirt reads the host's CPUID data here
+                conn = open_root(self.spec.root, lambda e, d: self.post("lifecycle", e, d),
+                                 lambda: self.post("reset", time.monotonic()))
             self.check_supervisor()
             self.dom = conn.createXML(self.spec.xml, libvirt.VIR_DOMAIN_START_PAUSED)
             self.qemu_pid = procs.read_pid(self.pidfile)

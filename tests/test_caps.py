@@ -1,0 +1,50 @@
+"""libvirt's capabilities cache: one probe per cold stack, none in a warm root.
+
+A regression guard for start-up speed (docs/performance.md) that does not time anything:
+libvirt probes QEMU again (0.6-0.8 s) when a root's cached capabilities were made with
+another CPU's CPUID data; vmrun opens every root on the same CPU (vmrun/proc/affinity.py).
+If libvirt changes what it compares, these tests say so.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import cmdline, vmrun, write_stack
+from vmrun import host, roots
+from vmrun.layout import StackPaths
+from vmrun.proc import affinity
+
+
+def test_one_cpu_pins_every_thread_and_gives_them_back() -> None:
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        pytest.skip("one CPU: nothing to pin")
+    seen: dict[str, set[int]] = {}
+    with affinity.one_cpu():
+        seen["main"] = os.sched_getaffinity(0)
+        worker = threading.Thread(target=lambda: seen.__setitem__(
+            "new", os.sched_getaffinity(0)))
+        worker.start()
+        worker.join()
+    assert seen == {"main": {min(allowed)}, "new": {min(allowed)}}
+    assert os.sched_getaffinity(0) == allowed
+
+
+@pytest.mark.timeout(200)
+def test_warm_roots_keep_the_cached_capabilities(guest: Path, tmp_path: Path) -> None:
+    manifest = write_stack(tmp_path, guest, {f"v{i}": {"cmdline": cmdline()} for i in range(3)})
+    cache = roots.caps_cache_dir(host.check("tcg"))
+    for _ in range(2):
+        proc = vmrun("up", str(manifest), timeout=150)
+        assert proc.returncode == 0, proc.stderr
+        cached = {path.name: path.read_bytes() for path in cache.glob("*.xml")}
+        assert cached, f"no capabilities cached in {cache}"
+        for vm in ("v0", "v1", "v2"):
+            caps_dir = StackPaths(tmp_path / ".vmrun" / "t").vm(vm).caps_dir
+            in_root = {path.name: path.read_bytes() for path in caps_dir.glob("*.xml")}
+            assert in_root == cached, f"libvirt probed QEMU again in {vm}'s root"

@@ -21,6 +21,7 @@ $(VENV)/.installed: pyproject.toml setup.py vmrun/_fastsig.pyx vmrun/_fastsig.px
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel cython
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m compileall -q vmrun   # every process starts without compiling
 	touch $@
 
 guest: $(GUEST)/vmlinuz $(GUEST)/initrd.gz $(GUEST)/base.qcow2 $(GUEST)/bios.img $(GUEST)/uefi.img debian-guest

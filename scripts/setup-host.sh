@@ -11,6 +11,7 @@ packages=(
     cpio gzip xz-utils                          # to build the test guest
     iproute2                                    # private networks (ip netns)
     passt                                       # outbound NAT (nat = true)
+    openssh-client                              # vmrun ssh, exec, cp (the stack's key)
     ovmf                                        # UEFI firmware (boot = "uefi")
     fdisk mtools dosfstools e2fsprogs           # to build the bootable test disks
     syslinux syslinux-common grub-efi-amd64-bin #   (BIOS and UEFI boot loaders)

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from vmrun import disks, domain, nat
+from vmrun import disks, domain, nat, shares
 from vmrun.firmware import Uefi
 from vmrun.layout import VMPaths
-from vmrun.manifest import VM, Disk
+from vmrun.manifest import VM, Disk, Share
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -42,6 +42,9 @@ VMS = {
     "uefi": VM(**{**_COMMON, **dict(  # type: ignore[arg-type]
         name="delta", boot="uefi", kernel=None, disks=_DISKS[:1])}),
     "nat": VM(**{**_COMMON, **dict(name="zeta", nat=True)}),  # type: ignore[arg-type]
+    "shares": VM(**{**_COMMON, **dict(  # type: ignore[arg-type]
+        name="eta", shares=(Share(Path("/src"), "/src", False, "share0"),
+                            Share(Path("/data"), "/mnt/data", True, "share1")))}),
     "secure": VM(**{**_COMMON, **dict(  # type: ignore[arg-type]
         name="epsilon", boot="uefi", kernel=None, secure_boot=True, disks=_DISKS[:1])}),
 }
@@ -54,8 +57,11 @@ def _build(vm: VM, accel: str) -> etree._Element:
                                          Path("/root")))
     uefi = UEFI[vm.secure_boot] if vm.boot == "uefi" else None
     link = nat.Link(Path("/root/nat/passt.sock"), nat.mac("t", vm.name)) if vm.nat else None
+    mounts = shares.plan(vm, VMPaths(vm.name, Path("/state"), Path("/state/root"),
+                                     Path("/root")))
     return domain.build(vm, accel, Path("/root/console.sock"), attachments, uefi=uefi,
-                        nvram=Path("/state/nvram.fd"), nat_link=link)
+                        nvram=Path("/state/nvram.fd"), nat_link=link, mounts=mounts,
+                        virtiofsd=Path("/usr/lib/qemu/virtiofsd"))
 
 
 @pytest.mark.parametrize("accel", ["tcg", "kvm"])

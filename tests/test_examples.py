@@ -45,6 +45,13 @@ def test_lab_example(guest: Path, tmp_path: Path) -> None:
     subprocess.run(["ip", "netns", "add", netns], check=True, timeout=30)
     try:
         subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True, timeout=30)
+        # The lab's VMs have nat, and passt wants an interface with a default route: a
+        # veth pair inside the namespace, leading nowhere (nothing leaves the namespace).
+        for argv in (["link", "add", "out0", "type", "veth", "peer", "name", "out1"],
+                     ["addr", "add", "198.51.100.1/24", "dev", "out0"],
+                     ["link", "set", "out0", "up"], ["link", "set", "out1", "up"],
+                     ["route", "add", "default", "via", "198.51.100.254", "dev", "out0"]):
+            subprocess.run(["ip", "-n", netns, *argv], check=True, timeout=30)
         proc = subprocess.run([*in_netns(netns), sys.executable, "-m", "vmrun", "up",
                                str(stack)], capture_output=True, text=True, timeout=280)
     finally:
@@ -55,3 +62,15 @@ def test_lab_example(guest: Path, tmp_path: Path) -> None:
     assert "cloudy | seed: message: configured by cloud-init" in proc.stdout
     assert "cloudy | net:       macaddress:" in proc.stdout  # the generated network-config
     assert "report | guest: wrote disk" in proc.stdout  # after both web copies ended ok
+    # a read-only shared folder, and a NAT NIC after the lan NIC
+    assert "cloudy | guest: cat /lab/user-data.yaml: message: configured by cloud-init" \
+        in proc.stdout
+    assert "cloudy | net:   nat:" in proc.stdout
+
+
+def test_debian_example_checks() -> None:
+    """examples/debian is valid (running it takes a Debian boot: docs/access.md shows it)."""
+    proc = subprocess.run([sys.executable, "-m", "vmrun", "check",
+                           str(REPO / "examples" / "debian" / "stack.toml")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr

@@ -3,6 +3,8 @@ without a guest."""
 
 from __future__ import annotations
 
+import email
+import email.policy
 from pathlib import Path
 
 from vmrun import manifest, names, seed
@@ -40,12 +42,20 @@ def test_user_data_placeholders_are_filled_and_other_braces_kept(tmp_path: Path)
     (tmp_path / "db.yaml").write_bytes(b"#cloud-config\n# nat {nat.ip} \xff\n")
     stack = load(tmp_path, STACK)
     web, db = stack.vm("web"), stack.vm("db")
-    text = seed.contents(stack, web)["user-data"].decode()
+    text = seed.user_data(stack, web).decode()
     assert (f"# web #1 of s: me {web.addresses[0].ip}, db {db.addresses[1].ip}\n"
             in text)
     assert '"echo {{ ds.meta_data }} {unknown} {}"' in text
     # not UTF-8: given as it is
-    assert seed.contents(stack, db)["user-data"] == b"#cloud-config\n# nat {nat.ip} \xff\n"
+    assert seed.user_data(stack, db) == b"#cloud-config\n# nat {nat.ip} \xff\n"
+    # in the seed: the user's part, then vmrun's (the names of the VMs on its networks)
+    message = email.message_from_bytes(seed.contents(stack, web)["user-data"],
+                                       policy=email.policy.compat32)
+    parts = [part for part in message.walk() if not part.is_multipart()]
+    assert [part.get_content_type() for part in parts] == [
+        "text/x-not-multipart", "text/cloud-boothook"]
+    assert parts[0].get_payload(decode=True).decode() == text
+    assert parts[1].get_payload(decode=True) == names.hosts_boothook(stack, web)
 
 
 def test_hosts_entries_cover_the_shared_networks(tmp_path: Path) -> None:

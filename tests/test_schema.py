@@ -198,6 +198,10 @@ KNOWN_GAPS = [
     ('[vm.a]\nkernel = "vmlinuz"\ncpus = 2.0\n', "stack.toml", "2.0 is an integer"),
     ('[vm.a]\nkernel = "vmlinuz"\ntimeout = nan\n', "stack.toml", "nan"),
     ('[vm.a]\nkernel = "vmlinuz"\n', "Bad Name.toml", "name from the file name"),
+    ('[vm.a]\nkernel = "vmlinuz"\nshares = [{ host = "missing", guest = "/m" }]\n',
+     "stack.toml", "shared directory must exist"),
+    ('[vm.a]\nkernel = "vmlinuz"\nshares = [{ host = ".", guest = "/a/../b" }]\n',
+     "stack.toml", "guest path with .."),
     ('[vm.a]\nkernel = "vmlinuz"\ncmdline = "\\u001b[2J"\n', "stack.toml",
      "control character libvirt's XML cannot hold"),
 ]

@@ -273,3 +273,81 @@ def test_re2_prints_nothing_on_a_refused_pattern(capfd: pytest.CaptureFixture[st
     with pytest.raises(PatternError):
         compile_pattern("((")
     assert capfd.readouterr() == ("", "")
+
+
+# --- readiness by a probe the driver runs (ready = { port = … } or { ssh = … }) ----------
+
+def probing(interval: float = 0.2, ready_timeout: float = 0.0) -> Watch:
+    return Watch(Rules(ready_probe=interval, ready_timeout=ready_timeout))
+
+
+def test_a_probe_starts_at_once_and_repeats_until_it_succeeds() -> None:
+    w = probing()
+    assert w.start(10.0) == [Action.PROBE]  # not ready yet
+    assert not w.ready and w.probing
+    assert w.next_deadline() is None  # one attempt at a time: the driver answers first
+    assert w.probed(10.05, ok=False, failure="refused") == []
+    assert w.next_deadline() == pytest.approx(10.2)  # every 0.2 s from the last start
+    assert w.tick(10.1) == []
+    assert w.tick(10.2) == [Action.PROBE]
+    assert w.tick(10.3) == []  # still waiting for that attempt's answer
+    assert w.probed(10.3, ok=True) == [Action.REPORT_READY]
+    assert w.ready and not w.probing and w.next_deadline() is None
+    assert w.probed(10.4, ok=True) == []  # reported once
+    assert w.outcome(Stopped.SHUTDOWN) == (Outcome.OK, "")
+
+
+def test_a_slow_attempt_is_followed_at_once() -> None:
+    w = probing(interval=0.2)
+    w.start(0.0)
+    w.probed(1.0, ok=False, failure="no answer within 1s")
+    assert w.next_deadline() == 1.0
+    assert w.tick(1.0) == [Action.PROBE]
+
+
+def test_a_probe_that_never_succeeds_fails_the_vm_with_its_last_failure() -> None:
+    w = probing(ready_timeout=5)
+    w.start(0.0)
+    now = 0.0
+    while now < 5.0:
+        w.probed(now, ok=False, failure="10.77.0.5:81: connection refused")
+        now = w.next_deadline() or 5.0
+        w.tick(now)
+    assert w.decision == (Outcome.FAILED,
+                          "not ready after 5s (last check: 10.77.0.5:81: connection refused)")
+    assert not w.probing
+    assert w.tick(6.0) == [] and w.next_deadline() is None  # no more probes
+    assert w.probed(6.0, ok=True) == []  # too late: it stays failed
+    assert w.outcome(Stopped.DESTROYED)[1].startswith("not ready after 5s")
+
+
+def test_console_readiness_does_not_probe() -> None:
+    w = watch(ready="up", ready_timeout=5)
+    assert w.start(0.0) == []
+    assert not w.probing and w.next_deadline() == 5.0
+    assert w.probed(1.0, ok=True) == []  # no probe was asked for
+    assert w.console("guest up") == [Action.REPORT_READY]
+    w = watch(ready="up", ready_timeout=5)
+    w.start(0.0)
+    assert w.tick(5.0) == [Action.DESTROY]
+    assert w.decision == (Outcome.FAILED, "not ready after 5s")  # no probe to name
+
+
+def test_a_stop_request_ends_the_probing() -> None:
+    w = probing(ready_timeout=60)
+    w.start(0.0)
+    w.probed(0.1, ok=False, failure="refused")
+    assert w.stop("signal SIGINT", 10, 0.15) == [Action.REPORT_STOPPING,
+                                                 Action.PRESS_POWER_BUTTON]
+    assert not w.probing
+    assert Action.PROBE not in w.tick(0.2)
+    assert w.probed(0.3, ok=True) == []  # not ready: it is stopping
+    assert not w.ready
+
+
+def test_a_probed_guest_stays_ready_across_a_reboot() -> None:
+    w = probing()
+    w.start(0.0)
+    w.probed(0.1, ok=True)
+    assert w.reset(3.0) == [Action.REPORT_REBOOTED]
+    assert w.ready and w.tick(3.5) == []

@@ -17,6 +17,8 @@ from vmrun.layout import MANIFEST_NAMES
 if TYPE_CHECKING:
     from vmrun import manifest
 
+SSH_WAIT = 180.0  # seconds `vmrun ssh`, `exec` and `cp` wait for a guest's host keys
+
 # Each verb imports what it needs when it runs: `vmrun --help` and the light verbs
 # start without loading lxml, the manifest parser or the supervisor.
 
@@ -87,6 +89,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     stack_verb("clean", "remove the stack's state (refused while it runs)")
 
+    wait_help = (f"seconds to wait for the VM's SSH host keys, which cloud-init prints late "
+                 f"in the guest's first boot (default {SSH_WAIT:g})")
+    ssh = stack_verb("ssh", "log in to a VM, or run one command there: ssh [FILE] VM "
+                     "[-- CMD...] (its exit status is passed through)", vms="*")
+    ssh.add_argument("--config", action="store_true",
+                     help="print an ssh_config snippet (Host VM.STACK) for plain ssh, scp, "
+                          "rsync, Ansible, VS Code")
+    ssh.add_argument("--wait", type=float, default=SSH_WAIT, metavar="S", help=wait_help)
+    run = stack_verb("exec", "run a command in a VM without a terminal, for scripts: exec "
+                     "[FILE] VM -- CMD... (stdout, stderr and exit status passed through)",
+                     vms="+")
+    run.add_argument("--wait", type=float, default=SSH_WAIT, metavar="S", help=wait_help)
+    # a driver's `ready = { ssh = … }` check: from inside the stack's namespaces, where the
+    # supervisor is not to be seen (and runs, since the driver does)
+    run.add_argument("--from-driver", action="store_true", help=argparse.SUPPRESS)
+    cp = sub.add_parser("cp", help="copy files between the host and a VM: cp [FILE] SRC DEST, "
+                                   "VM:PATH on one side")
+    cp.add_argument("cp_words", nargs="+", metavar="[FILE] SRC DEST",
+                    help=file_help + "; then SRC and DEST, one of them VM:PATH")
+    cp.add_argument("-r", "--recursive", action="store_true", help="copy directories")
+    cp.add_argument("--state-dir", metavar="DIR",
+                    help="the state directory the stack was started with")
+    cp.add_argument("--wait", type=float, default=SSH_WAIT, metavar="S", help=wait_help)
+
     doctor_parser = sub.add_parser("doctor", help="check that this host can run guests")
     doctor_parser.add_argument("--json", action="store_true", help="print JSON")
     doctor_parser.add_argument("--state-dir", metavar="DIR",
@@ -140,7 +166,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from vmrun import disks, domain, firmware, host, images, nat, operate
+    from vmrun import disks, domain, firmware, host, images, nat, operate, shares
 
     stack = images.localize(load(args), fetch=False)
     if len(args.vms) > 1:
@@ -154,7 +180,8 @@ def cmd_render(args: argparse.Namespace) -> int:
         uefi = firmware.find(vm.secure_boot) if vm.boot == "uefi" else None
         link = nat.Link(vm_paths.nat_socket, nat.mac(stack.name, vm.name)) if vm.nat else None
         xml = domain.build(vm, accel.name, vm_paths.console_socket, disks.plan(vm, vm_paths),
-                           uefi=uefi, nvram=vm_paths.nvram, nat_link=link)
+                           uefi=uefi, nvram=vm_paths.nvram, nat_link=link,
+                           mounts=shares.plan(vm, vm_paths), virtiofsd=shares.find_virtiofsd())
         sys.stdout.write(domain.to_string(xml))
     return 0
 
@@ -341,6 +368,95 @@ def cmd_console(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ssh(args: argparse.Namespace) -> int:
+    from vmrun import access, operate
+
+    stack = identity(args)
+    if args.config:
+        if args.remote_command:
+            raise UsageError("ssh --config takes no command")
+        names = operate.check_vm_names(stack, args.vms)
+        targets, missing = access.config_targets(stack, names)
+        sys.stdout.write(access.config(targets, missing))
+        return 0
+    if len(args.vms) != 1:
+        raise UsageError("ssh takes one VM name (and a command after --)",
+                         hint="VMs: " + ", ".join(stack.vm_names))
+    return _exec_ssh(args, stack, args.vms[0], args.remote_command, batch=False)
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    stack = identity(args)
+    if len(args.vms) != 1 or not args.remote_command:
+        raise UsageError("exec takes one VM name and a command after --",
+                         hint=f"vmrun exec {args.file} VM -- CMD...")
+    return _exec_ssh(args, stack, args.vms[0], args.remote_command, batch=True)
+
+
+def _exec_ssh(args: argparse.Namespace, stack: manifest.Identity, vm: str,
+              command: list[str], batch: bool) -> int:
+    """Become ssh (its exit status is ours: 255 when it cannot connect)."""
+    from vmrun import access, operate
+
+    operate.check_vm_names(stack, [vm])
+    access.require_ssh()
+    target = access.target(stack, vm, args.wait, note=_note,
+                           running=getattr(args, "from_driver", False))
+    argv = access.ssh_argv(target, command, tty=sys.stdin.isatty(), batch=batch)
+    return _become(argv)
+
+
+def _note(text: str) -> None:
+    print(f"vmrun: {text}", file=sys.stderr, flush=True)
+
+
+def _become(argv: list[str]) -> int:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execv(argv[0], argv)
+    except OSError as exc:
+        print(f"vmrun: error: cannot run {argv[0]}: {exc.strerror}", file=sys.stderr)
+    return 255
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    from vmrun import access, operate
+
+    words = list(args.cp_words)
+    if len(words) not in (2, 3):
+        raise UsageError("cp takes [FILE] SRC DEST, one of SRC and DEST as VM:PATH")
+    args.file = words.pop(0) if len(words) == 3 else None
+    resolve_file(args)
+    stack = identity(args)
+    src, dest = (access.parse_cp_arg(word, stack.vm_names) for word in words)
+    if (src[0] is None) == (dest[0] is None):
+        raise UsageError("cp copies between the host and one VM: one of SRC and DEST is "
+                         "VM:PATH, the other a local path",
+                         hint="VMs: " + ", ".join(stack.vm_names))
+    vm = src[0] or dest[0]
+    assert vm is not None
+    operate.check_vm_names(stack, [vm])
+    access.require_ssh()
+    target = access.target(stack, vm, args.wait, note=_note)
+    return _become(access.scp_argv(target, src, dest, args.recursive))
+
+
+def proxy_main(argv: list[str]) -> int:
+    """`vmrun _proxy NETNS HOST PORT`: ssh's ProxyCommand (see vmrun/access.py)."""
+    from vmrun import access
+
+    if len(argv) != 3 or not argv[2].isdigit() or not 0 < int(argv[2]) < 65536:
+        print("vmrun: error: usage: vmrun _proxy NETNS HOST PORT", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return access.proxy(argv[0], argv[1], int(argv[2]))
+    except VmrunError as exc:
+        for line in exc.lines():
+            print(f"vmrun: error: {line}", file=sys.stderr)
+        return exc.exit_code
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from vmrun import doctor
 
@@ -362,13 +478,21 @@ def cmd_schema(args: argparse.Namespace) -> int:
 COMMANDS = {
     "check": cmd_check, "render": cmd_render, "up": cmd_up, "ps": cmd_ps, "down": cmd_down,
     "logs": cmd_logs, "console": cmd_console, "clean": cmd_clean, "doctor": cmd_doctor,
-    "schema": cmd_schema, "pull": cmd_pull,
+    "schema": cmd_schema, "pull": cmd_pull, "ssh": cmd_ssh, "exec": cmd_exec, "cp": cmd_cp,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_proxy"]:  # hidden: ssh's ProxyCommand, kept short
+        return proxy_main(argv[1:])
+    remote_command: list[str] = []
+    if argv[:1] in (["ssh"], ["exec"]) and "--" in argv:  # the guest's command
+        cut = argv.index("--")
+        argv, remote_command = argv[:cut], argv[cut + 1:]
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.remote_command = remote_command
     # `vmrun logs FILE --tail 5 web`: VM names after an option end up here
     if extra and args.command == "logs" and not any(e.startswith("-") for e in extra):
         args.words += extra

@@ -7,11 +7,11 @@ from pathlib import Path
 
 from lxml import etree
 
-from vmrun import nat
+from vmrun import nat, shares
 from vmrun.disks import Attachment
 from vmrun.errors import ManifestError, Problem
 from vmrun.firmware import Uefi
-from vmrun.layout import bridge_name, tap_name
+from vmrun.layout import VMPaths, bridge_name, tap_name
 from vmrun.manifest import VM, Stack
 
 MACHINE = "q35"
@@ -28,13 +28,19 @@ def _sub(parent: etree._Element, tag: str, text: str | None = None, **attrs: str
 
 def build(vm: VM, accel: str, console_socket: Path, disks: Sequence[Attachment] = (),
           uefi: Uefi | None = None, nvram: Path | None = None,
-          nat_link: nat.Link | None = None) -> etree._Element:
+          nat_link: nat.Link | None = None, mounts: Sequence[shares.Mount] = (),
+          virtiofsd: Path = shares.VIRTIOFSD) -> etree._Element:
     """The <domain> element for `vm`, accelerated by "kvm" or "tcg", with its disk files
-    (for boot = "uefi", the firmware and the VM's variables file; with nat, passt's link)."""
+    (for boot = "uefi", the firmware and the VM's variables file; with nat, passt's link;
+    with shares, their mount points in the root (`shares.plan`) and virtiofsd)."""
     domain = etree.Element("domain", type="kvm" if accel == "kvm" else "qemu",
                            nsmap={"qemu": QEMU_NS} if nat_link else None)
     _sub(domain, "name", vm.name)
     _sub(domain, "memory", str(vm.memory * 1024), unit="KiB")
+    if mounts:  # virtiofsd maps the guest's memory: it must be shared
+        backing = _sub(domain, "memoryBacking")
+        _sub(backing, "source", type="memfd")
+        _sub(backing, "access", mode="shared")
     _sub(domain, "vcpu", str(vm.cpus))
 
     os_ = _sub(domain, "os")
@@ -89,6 +95,12 @@ def build(vm: VM, accel: str, console_socket: Path, disks: Sequence[Attachment] 
                     model="pcie-root-port")
         _sub(port, "address", type="pci", domain="0x0000", bus="0x00",
              slot=f"0x{nat.PORT_SLOT:02x}", function="0x0")
+    for mount in mounts:  # libvirt starts a virtiofsd on each (vmrun/shares.py)
+        fs = _sub(devices, "filesystem", type="mount", accessmode="passthrough")
+        _sub(fs, "driver", type="virtiofs")
+        _sub(fs, "binary", path=str(virtiofsd))
+        _sub(fs, "source", dir=str(mount.dir))  # the driver's bind mount of mount.host
+        _sub(fs, "target", dir=mount.tag)
     for address in vm.addresses:
         nic = _sub(devices, "interface", type="bridge")
         _sub(nic, "source", bridge=bridge_name(address.network))  # in the stack's netns
@@ -135,7 +147,9 @@ def validate(stack: Stack) -> None:
     problems = []
     for vm in stack.vms:
         uefi = Uefi(Path("/code.fd"), Path("/vars.fd"), vm.secure_boot)
-        xml = build(vm, "tcg", Path("/console.sock"), uefi=uefi, nvram=Path("/nvram.fd"))
+        mounts = shares.plan(vm, VMPaths(vm.name, Path("/vm"), Path("/root"), Path("/root")))
+        xml = build(vm, "tcg", Path("/console.sock"), uefi=uefi, nvram=Path("/nvram.fd"),
+                    mounts=mounts)
         if vm.xml_devices and not schema.validate(xml):
             error = schema.error_log.last_error
             message = error.message if error is not None else "invalid"

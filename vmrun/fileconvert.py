@@ -1,4 +1,5 @@
-"""The converters of settings that name files: kernel and initrd, disks, cloud_init.
+"""The converters of settings that name files: kernel and initrd, disks, cloud_init,
+shares (directories).
 
 A file must exist, be a regular, readable file, and have a path libvirt's XML can hold;
 a disk image must be raw or qcow2 (other formats are recognised by their first bytes and
@@ -29,29 +30,36 @@ from vmrun.limits import (
     DISK_MEDIA,
     MAX_DISK_MIB,
     MAX_DISKS,
+    MAX_SHARES,
     MIN_DISK_MIB,
     URL_SCHEMES,
 )
 from vmrun.sourcefile import Unreadable, open_regular
 
 
-def file_path(value: Any, ctx: Context) -> Path:
+def _existing(value: Any, ctx: Context, what: str) -> tuple[Path, int]:
+    """`value`, a path relative to the manifest's directory, resolved; and its mode."""
     if not isinstance(value, str) or not value:
-        raise Invalid("a file path (relative to the manifest's directory)")
+        raise Invalid(f"a {what} path (relative to the manifest's directory)")
     try:
         expanded = os.path.expanduser(value)
     except ValueError:  # "~user" with a NUL
-        raise Invalid("a file path without NUL characters") from None
+        raise Invalid(f"a {what} path without NUL characters") from None
     path = resolve(ctx.base_dir / expanded)
     if xml_unsafe(str(path)) is not None:
         raise Invalid("a path libvirt's XML can hold: valid UTF-8, without control characters",
                       found=describe(str(path)))
     try:
-        mode = os.stat(path).st_mode
+        return path, os.stat(path).st_mode
     except (FileNotFoundError, NotADirectoryError):
-        raise Invalid(f"an existing file (looked for {path})") from None
-    except OSError as exc:
-        raise Invalid(f"an existing file ({path}: {exc.strerror})") from None
+        raise Invalid(f"an existing {what} (looked for {path})") from None
+    except (OSError, ValueError) as exc:
+        raise Invalid(f"an existing {what} ({path}: "
+                      f"{getattr(exc, 'strerror', None) or exc})") from None
+
+
+def file_path(value: Any, ctx: Context) -> Path:
+    path, mode = _existing(value, ctx, "file")
     if not stat.S_ISREG(mode):
         raise Invalid(f"a regular file ({path} is not one)")
     if not os.access(path, os.R_OK):
@@ -268,3 +276,83 @@ def cloud_init(value: Any, ctx: Context) -> CloudInit:
         network_config=(file_path(value["network_config"], ctx)
                         if "network_config" in value else None),
     )
+
+
+@dataclass(frozen=True)
+class Share:
+    """One entry of `shares`: a host directory the guest mounts (virtiofs) by its tag."""
+
+    host: Path  # resolved, an existing directory
+    guest: str  # absolute path in the guest
+    readonly: bool
+    tag: str  # the virtiofs tag: share<N>, N its index in `shares`
+
+
+_SHARE_KEYS = ["host", "guest", "readonly"]
+
+
+def _directory(value: Any, ctx: Context) -> Path:
+    path, mode = _existing(value, ctx, "directory")
+    if not stat.S_ISDIR(mode):
+        raise Invalid(f"a directory ({path} is not one)")
+    return path
+
+
+def _guest_path(value: Any) -> str:
+    expected = "an absolute path in the guest, other than /, e.g. \"/src\""
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise Invalid(expected)
+    if any(c in value for c in "\t\n\r\0") or xml_unsafe(value) is not None:
+        raise Invalid(expected + ", without control characters")
+    parts = [part for part in value.split("/") if part not in ("", ".")]
+    if not parts:
+        raise Invalid(expected)
+    if ".." in parts:
+        raise Invalid(expected + ", without ..")
+    return "/" + "/".join(parts)
+
+
+def _share(value: Any, index: int, ctx: Context) -> Share:
+    expected = ('a table { host = "directory", guest = "/path" }, with optional '
+                'readonly = true')
+    if not isinstance(value, dict):
+        raise Invalid(expected)
+    unknown = sorted(set(value) - set(_SHARE_KEYS))
+    if unknown:
+        raise Invalid(expected, found=f'the unknown key "{unknown[0]}"',
+                      hint=did_you_mean(unknown[0], _SHARE_KEYS))
+    for key in ("host", "guest"):
+        if key not in value:
+            raise Invalid(expected, found=f"no {key}")
+    readonly = value.get("readonly", False)
+    if not isinstance(readonly, bool):
+        raise Invalid("readonly = true or false", found=describe(readonly), where=".readonly")
+    try:
+        host = _directory(value["host"], ctx)
+    except Invalid as exc:
+        raise Invalid(exc.expected, hint=exc.hint, found=exc.found or describe(value["host"]),
+                      where=".host") from None
+    try:
+        guest = _guest_path(value["guest"])
+    except Invalid as exc:
+        raise Invalid(exc.expected, found=describe(value["guest"]), where=".guest") from None
+    return Share(host=host, guest=guest, readonly=readonly, tag=f"share{index}")
+
+
+def shares(value: Any, ctx: Context) -> tuple[Share, ...]:
+    if not isinstance(value, list):
+        raise Invalid('an array of tables, e.g. [{ host = "./src", guest = "/src" }]')
+    if len(value) > MAX_SHARES:
+        raise Invalid(f"at most {MAX_SHARES} shared folders", found=f"{len(value)}")
+    result: list[Share] = []
+    for index, entry in enumerate(value):
+        try:
+            share = _share(entry, index, ctx)
+        except Invalid as exc:
+            raise Invalid(exc.expected, hint=exc.hint, found=exc.found or describe(entry),
+                          where=f"[{index}]{exc.where}") from None
+        if any(other.guest == share.guest for other in result):
+            raise Invalid("one shared folder per guest path", found=describe(share.guest),
+                          where=f"[{index}].guest")
+        result.append(share)
+    return tuple(result)

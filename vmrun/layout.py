@@ -12,6 +12,10 @@
         vms/<vm>/disk-N.json        what that disk was made from
         vms/<vm>/seed.iso           the cloud-init NoCloud seed
         vms/<vm>/root               libvirt's embedded root (or a link to a short one)
+        ssh/                        mode 0700: what `vmrun ssh`, `exec` and `cp` use
+        ssh/id_ed25519(.pub)        the stack's key pair (made by the first `up`; 0600)
+        ssh/known_hosts             the guests' host keys, as their consoles showed them
+        ssh/hosts.json              each VM's address and user, the stack's namespace
     <short root base>/stacks/<hash of the stack's directory>/    mode 0700
         lock                        held (flock) by the running supervisor; holds its pid
         control.sock                the running supervisor's control socket (0600)
@@ -22,6 +26,7 @@
         run/qemu/<vm>.pid           libvirt's pidfile of the VM's QEMU
         console.sock                QEMU's serial console (the driver connects)
         attach.sock                 the driver's console relay (`vmrun console` connects)
+        shares/<tag>                a shared folder's mount point (bound in the driver only)
         .vmrun-link                 in a short root: the state-dir link that points to it
 
 UNIX socket paths are limited to 108 bytes and libvirt puts the QEMU monitor socket
@@ -132,6 +137,11 @@ def netns_name(stack_dir: Path) -> str:
     return "vmrun-" + hashlib.sha256(str(stack_dir).encode()).hexdigest()[:12]
 
 
+def ssh_alias(stack: str, vm: str) -> str:
+    """A VM's name for ssh: its `Host` in `vmrun ssh --config`, its known_hosts entry."""
+    return f"{vm}.{stack}"
+
+
 def bridge_name(network: str) -> str:
     """The bridge of a network, in the stack's namespace (at most 15 characters)."""
     return f"vr-{network}"
@@ -196,6 +206,11 @@ class VMPaths:
     def caps_dir(self) -> Path:
         return self.root / "cache" / "qemu" / "capabilities"
 
+    def share(self, tag: str) -> Path:
+        """Where the driver bind-mounts a shared folder (in its own mount namespace
+        only): the directory libvirt's virtiofsd serves (vmrun/shares.py)."""
+        return self.root / "shares" / tag
+
     @property
     def run_dir(self) -> Path:
         return self.root / "run"
@@ -259,6 +274,26 @@ class StackPaths:
     @property
     def vms_dir(self) -> Path:
         return self.dir / "vms"
+
+    @property
+    def ssh_dir(self) -> Path:
+        return self.dir / "ssh"
+
+    @property
+    def ssh_key(self) -> Path:
+        return self.ssh_dir / "id_ed25519"
+
+    @property
+    def ssh_public_key(self) -> Path:
+        return self.ssh_dir / "id_ed25519.pub"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.ssh_dir / "known_hosts"
+
+    @property
+    def ssh_hosts(self) -> Path:
+        return self.ssh_dir / "hosts.json"
 
     def vm(self, name: str) -> VMPaths:
         vm_dir = self.vms_dir / name

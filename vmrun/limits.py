@@ -20,6 +20,7 @@ MAX_CPUS = 64
 MAX_SECONDS = 7 * 24 * 3600
 MAX_COUNT = 64
 MAX_DISKS = 16
+MAX_SHARES = 16  # shared folders of a VM (tags share0 ... share15)
 MAX_VMS = 1024  # in a stack, copies (count) included
 MAX_NETWORKS = 256  # in a stack: the /24s of the default 10.77.0.0/16
 

@@ -41,7 +41,7 @@ from vmrun.convert import (
     xml_unsafe,
 )
 from vmrun.errors import ManifestError, Problem, UsageError
-from vmrun.fileconvert import CloudInit, Disk, image_format
+from vmrun.fileconvert import CloudInit, Disk, Share, image_format
 from vmrun.layout import MANIFEST_NAMES as _MANIFEST_NAMES
 from vmrun.layout import StackPaths
 from vmrun.limits import (
@@ -58,6 +58,7 @@ from vmrun.limits import (
     STACK_NAME_MAX,
     VM_NAME_MAX,
 )
+from vmrun.readiness import Ready
 from vmrun.settings import STACK_SETTINGS, STACK_TABLES, VM_SETTINGS, Setting, json_pattern
 from vmrun.sourcefile import MANIFEST_MAX, read_manifest
 from vmrun.stackcheck import UnknownPlaceholder, fill_placeholders, placeholder_values
@@ -79,7 +80,7 @@ class VM:
     timeout: float | None
     success: str | None
     failure: str | None
-    ready: str | None
+    ready: Ready | None  # vmrun/readiness.py
     ready_timeout: float
     count: int
     depends_on: tuple[tuple[str, str], ...]  # (VM name, "ready" | "ok"), resolved
@@ -93,6 +94,8 @@ class VM:
     forward: tuple[network.Forward, ...]
     cloud_init: CloudInit | None
     xml_devices: str | None
+    shares: tuple[Share, ...] = ()  # shared folders (virtiofs), tags share0, share1, ...
+    ssh_user: str | None = None  # None: the user cloud-init names (vmrun/access.py)
     index: int = 1  # the copy's number, with `count`
     group: str = ""  # the [vm.NAME] table it comes from
     addresses: tuple[network.Address, ...] = ()  # one per network, in `networks` order
@@ -266,6 +269,7 @@ def loads(
     stackcheck.resolve_dependencies(col, vms, vm_tables, bad, unsure)
     networks, declared = stackcheck.parse_networks(col, data.get("network", {}))
     vms[:] = stackcheck.attach_networks(col, vms, networks, declared, name or "", bad)
+    stackcheck.check_ready(col, vms, vm_tables, bad)
     others_unsure = bool(unsure) or declared != set(networks) or \
         any("networks" in keys for keys in bad.values())
     stackcheck.fill_cmdlines(col, vms, name or "", networks, bad, others_unsure)
@@ -360,7 +364,7 @@ __all__ = [
     "MIN_MEMORY_MIB", "NAME_RE", "NETWORK_NAME_MAX",
     "SIZE_JSON_PATTERN", "STACK_NAME_MAX", "STACK_SETTINGS", "STACK_TABLES", "VM",
     "VM_NAME_MAX", "VM_SETTINGS", "CloudInit", "Context", "Disk", "Identity", "Invalid",
-    "Setting", "Stack", "UnknownPlaceholder", "fill_placeholders", "find_manifest",
+    "Setting", "Share", "Stack", "UnknownPlaceholder", "fill_placeholders", "find_manifest",
     "image_format", "json_pattern", "load", "load_identity", "loads", "loads_identity",
     "locate_keys", "parse_size_mib", "placeholder_values",
 ]

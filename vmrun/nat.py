@@ -23,6 +23,8 @@ import os
 import pwd
 import shutil
 import stat
+import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,7 +117,28 @@ def remove_socket_dir(directory: Path) -> None:
 
 
 def require(needed: bool) -> None:
-    """HostError (exit 3) when a VM has NAT and passt is not installed."""
-    if needed and shutil.which(PASST) is None:
+    """HostError (exit 3) when a VM has NAT and passt is not installed or cannot run here
+    (before anything starts; subprocesses are allowed then, the reaper is not there yet)."""
+    if not needed:
+        return
+    if shutil.which(PASST) is None:
         raise HostError("nat needs passt, which is not installed",
                         hint="apt-get install passt (make setup does)")
+    directory = layout.nat_socket_base() / f"check-{os.getpid()}"
+    prepare_socket_dir(directory)
+    socket = directory / "passt.sock"
+    try:
+        with subprocess.Popen(passt_argv(socket, True), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+            deadline = time.monotonic() + 5
+            while not socket.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+            started = socket.exists()
+            proc.kill()
+            output = proc.communicate(timeout=5)[0].decode(errors="replace")
+    finally:
+        remove_socket_dir(directory)
+    if not started:
+        said = [line for line in output.splitlines() if line and "syslog" not in line]
+        raise HostError(f"nat: passt cannot run here ({said[-1] if said else 'no message'})",
+                        hint="passt needs a network interface with a default route")

@@ -50,6 +50,29 @@ class VMState(enum.StrEnum):
 # --- specs: what a child process is started with (its argv) ----------------------------
 
 @dataclasses.dataclass(frozen=True)
+class ReadyProbe(Message):
+    """How a driver checks that its guest is ready, other than by a console line: a TCP
+    connect to (address, port), or a command (`argv`) that exits 0.  Tried every
+    `interval` seconds, one attempt at a time, until one succeeds (vmrun/readiness.py)."""
+
+    address: str  # the VM's first private address
+    port: int | None = None
+    argv: tuple[str, ...] = ()
+    interval: float = 0.2
+    attempt_timeout: float | None = None  # an attempt still pending then is dropped
+
+
+@dataclasses.dataclass(frozen=True)
+class ShareBind(Message):
+    """A shared folder the driver bind-mounts in its own mount namespace before libvirt
+    starts virtiofsd on it (read-only for a `readonly` share)."""
+
+    source: str  # the host directory
+    target: str  # its mount point in the VM's root
+    readonly: bool
+
+
+@dataclasses.dataclass(frozen=True)
 class DriverSpec(Message):
     """A driver's job: one VM in one embedded root."""
 
@@ -64,11 +87,13 @@ class DriverSpec(Message):
     supervisor_pid: int
     success: str | None = None
     failure: str | None = None
-    ready: str | None = None
+    ready: str | None = None  # the console regex of `ready`
     timeout: float | None = None
     ready_timeout: float = 0.0
+    ready_probe: ReadyProbe | None = None  # `ready` = { port = … } or { ssh = … }
     netns: str | None = None
     own_proc: bool = False  # in the stack's PID namespace: mount a /proc of its own
+    shares: tuple[ShareBind, ...] = ()  # bind mounts the driver makes (vmrun/shares.py)
 
 
 @dataclasses.dataclass(frozen=True)

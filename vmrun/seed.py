@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from vmrun import nat
+from vmrun import access, names, nat, shares, userdata
 from vmrun.manifest import VM, Stack
 from vmrun.stackcheck import fill_known_placeholders, other_vms_values, placeholder_values
 
@@ -22,10 +22,10 @@ def default_meta_data(stack: Stack, vm: VM) -> bytes:
     return f"instance-id: {stack.name}-{vm.name}\nlocal-hostname: {vm.name}\n".encode()
 
 
-def contents(stack: Stack, vm: VM) -> dict[str, bytes]:
+def contents(stack: Stack, vm: VM, ssh_key: str | None = None) -> dict[str, bytes]:
     """The seed's files, by name."""
     assert vm.cloud_init is not None
-    files = {"user-data": user_data(stack, vm)}
+    files = {"user-data": userdata.compose(user_data(stack, vm), vmrun_parts(stack, vm, ssh_key))}
     if vm.cloud_init.meta_data is not None:
         files["meta-data"] = vm.cloud_init.meta_data.read_bytes()
     else:
@@ -35,6 +35,23 @@ def contents(stack: Stack, vm: VM) -> dict[str, bytes]:
     elif vm.addresses or vm.nat:
         files["network-config"] = default_network_config(stack, vm)
     return files
+
+
+def vmrun_parts(stack: Stack, vm: VM, ssh_key: str | None) -> list[userdata.Part]:
+    """What vmrun adds to the user's user-data (vmrun/userdata.py): the mounts of the
+    shared folders, the stack's SSH key, the names of the VMs on the same networks."""
+    parts = []
+    mounts = shares.cloud_config(vm)
+    if mounts is not None:
+        parts.append(userdata.Part("text/cloud-config", "vmrun-shares.cfg", mounts,
+                                   userdata.APPEND))
+    if ssh_key is not None:
+        parts.append(userdata.Part("text/cloud-config", "vmrun-ssh-key.cfg",
+                                   access.key_config(ssh_key).encode()))
+    hosts = names.hosts_boothook(stack, vm)
+    if hosts is not None:
+        parts.append(userdata.Part("text/cloud-boothook", "vmrun-hosts.sh", hosts))
+    return parts
 
 
 def user_data(stack: Stack, vm: VM) -> bytes:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmrun import convert, fileconvert
+from vmrun import convert, fileconvert, readiness
 from vmrun.convert import SIZE_JSON_PATTERN, Converter
 from vmrun.limits import (
     ACCELS,
@@ -29,6 +29,7 @@ from vmrun.limits import (
     MAX_NETWORKS,
     MAX_RESTARTS,
     MAX_SECONDS,
+    MAX_SHARES,
     MAX_VMS,
     MIN_DISK_MIB,
     MIN_MEMORY_MIB,
@@ -77,6 +78,17 @@ _REGEX_SCHEMA = {"type": "string", "minLength": 1}
 _INTERPOLATED = {"type": "string", "pattern": r"\$\{"}
 _SIZE_SCHEMA = {"anyOf": [{"type": "integer", "minimum": MIN_MEMORY_MIB},
                           {"type": "string", "pattern": SIZE_JSON_PATTERN}, _INTERPOLATED]}
+
+
+_SSH_USER_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}\Z")
+
+
+def _ssh_user(value: Any, ctx: convert.Context) -> str:
+    """A user name as Debian's useradd takes it (`ssh_user`)."""
+    if not isinstance(value, str) or not _SSH_USER_RE.match(value):
+        raise convert.Invalid("a user name: lower-case letters, digits, '_', '.' and '-', "
+                              "starting with a letter or '_', at most 32 characters")
+    return value
 
 
 STACK_SETTINGS: tuple[Setting, ...] = (
@@ -132,13 +144,11 @@ VM_SETTINGS: tuple[Setting, ...] = (
     Setting("failure", "regex", None, convert.regex,
             "A console line matching this regular expression (RE2 syntax) makes the "
             "guest failed at once (it is destroyed).", schema=_REGEX_SCHEMA),
-    Setting("ready", "regex", None, convert.regex,
-            "The VM counts as ready when a console line matches this regular expression "
-            "(RE2 syntax; `vmrun up --detach --wait` waits for it; `vmrun ps` shows it). "
-            "Default: ready as soon as it runs.", schema=_REGEX_SCHEMA),
+    Setting("ready", "regex or table", None, readiness.convert, readiness.DOC,
+            schema=readiness.SCHEMA),
     Setting("ready_timeout", "number", 120.0, convert.seconds,
-            "Seconds after the start a VM with a `ready` pattern may take to become "
-            "ready; after that it is destroyed and counts as failed (reason: not ready).",
+            "Seconds after the start a VM with `ready` may take to become ready; after "
+            "that it is destroyed and counts as failed (reason: not ready).",
             schema=_SECONDS_SCHEMA),
     Setting("count", "integer", 1, convert.count,
             "Run this many copies of the VM, named NAME-1 ... NAME-N, each with its own "
@@ -184,6 +194,19 @@ VM_SETTINGS: tuple[Setting, ...] = (
     Setting("ephemeral", "boolean", False, convert.boolean,
             "Start every overlay and blank disk anew on each run.",
             schema={"type": "boolean"}),
+    Setting("shares", "array of tables", (), fileconvert.shares,
+            'Host directories shared with the guest (virtiofs): `{ host = "./src", guest = '
+            '"/src" }` (host relative to the manifest\'s directory, an existing directory; '
+            'guest an absolute path). `readonly = true` makes the share read-only on the host '
+            'side. Each share has the virtiofs tag `share<N>` (N its index from 0); a guest '
+            'with a cloud-init seed mounts it at `guest` by itself, a kernel-booted guest '
+            'mounts the tag (`mount -t virtiofs share0 /src`). Needs root.',
+            schema={"type": "array", "maxItems": MAX_SHARES, "items": {
+                "type": "object", "additionalProperties": False, "required": ["host", "guest"],
+                "properties": {"host": {"type": "string", "minLength": 1},
+                               "guest": {"anyOf": [{"type": "string", "pattern": "^/"},
+                                                   _INTERPOLATED]},
+                               "readonly": {"type": "boolean"}}}}),
     Setting("on_reboot", "string", "restart", convert.choice(*ON_REBOOT),
             'What a reboot inside the guest does: `"restart"` (the guest comes back, in the '
             'same run) or `"stop"` (the VM stops there, as after a poweroff: for one-shot '
@@ -222,6 +245,12 @@ VM_SETTINGS: tuple[Setting, ...] = (
             schema={"type": "object", "additionalProperties": False, "required": ["user_data"],
                     "properties": {k: {"type": "string", "minLength": 1}
                                    for k in ("user_data", "meta_data", "network_config")}}),
+    Setting("ssh_user", "string", None, _ssh_user,
+            "The user `vmrun ssh`, `exec` and `cp` log in as. Default: the user cloud-init "
+            "gave the stack's SSH key (the image's default user, e.g. `debian` or `ubuntu`), "
+            "as the guest's console showed it; `root` when none was shown.",
+            schema={"anyOf": [{"type": "string", "pattern": json_pattern(_SSH_USER_RE)},
+                              _INTERPOLATED]}),
     Setting("xml_devices", "string", None, convert.xml_devices,
             "Expert escape hatch: libvirt `<devices>` child elements appended to the "
             "generated domain XML, checked against libvirt's schema before anything starts.",

@@ -35,6 +35,7 @@ from typing import Any
 
 from vmrun import (
     _fastsig,
+    access,
     cgroups,
     control,
     disks,
@@ -45,8 +46,10 @@ from vmrun import (
     nat,
     netns,
     procs,
+    readiness,
     roots,
     seed,
+    shares,
 )
 from vmrun import protocol as p
 from vmrun.children import FORWARDED, Child, Children, describe_status
@@ -90,6 +93,9 @@ class Supervisor:
         self.uefi: dict[str, firmware.Uefi] = {}  # VM name -> its firmware (boot = "uefi")
         self.passts: dict[str, int] = {}  # VM name -> pid of the passt of its NAT NIC
         self.netns_path: Path | None = None
+        self.console_watch = access.ConsoleWatch(stack)
+        self.virtiofsd: Path | None = None
+        self.ready_probes: dict[str, p.ReadyProbe | None] = {}  # VM name -> its probe
         self.results = {vm.name: VMResult(vm.name, addresses=addresses_of(vm),
                                           console=str(self.paths.vm(vm.name).console_log),
                                           forwards=[str(f) for f in vm.forward])
@@ -101,9 +107,13 @@ class Supervisor:
         the_host = self.the_host or host.check(self.stack.accel)
         self.accel = the_host.accel.name
         netns.require_root(self.stack)
+        # what each driver checks for `ready = { port | ssh }`; refused before anything starts
+        self.ready_probes = {vm.name: readiness.probe_of(self.stack, vm)
+                             for vm in self.stack.vms}
         self.uefi = {vm.name: firmware.find(vm.secure_boot)
                      for vm in self.stack.vms if vm.boot == "uefi"}
         nat.require(any(vm.nat for vm in self.stack.vms))
+        self.virtiofsd = shares.require(self.stack)  # when a VM has shared folders
         for vm in self.stack.vms:
             disks.check_space(vm, self.paths.vm(vm.name), self.fresh)
         lock_fd = lock.take(self.paths, self.stack.name, str(self.stack.path))
@@ -147,8 +157,13 @@ class Supervisor:
         pidns, self.children.pidns = self.children.pidns, None
         if pidns is not None:
             pidns.close()
+            # The init ends once every process of the namespace is gone *and reaped*: the
+            # ones born there are our children, and one not reaped yet (a driver still
+            # running when an error cut the run short) would keep it waiting for us, and
+            # us for it.  The reaper is uninstalled by now: reap here, the init last.
             with contextlib.suppress(ChildProcessError):
-                os.waitpid(pidns.init_pid, 0)  # unless the SIGCHLD handler had it
+                while os.waitpid(-1, 0)[0] != pidns.init_pid:
+                    pass
 
     def prepare(self) -> dict[str, list[disks.Attachment]]:
         """What must exist before the reaper is installed (this may run subprocesses).
@@ -160,14 +175,16 @@ class Supervisor:
         cgroups.remove(self.paths.vm(vm.name).root for vm in self.stack.vms)
         roots.collect_garbage()
         self.netns_path = netns.setup(self.stack)
+        ssh = access.Preparation(self.stack)  # the stack's SSH key, made on the first run
         attachments = {}
         for vm in self.stack.vms:
             paths = self.paths.vm(vm.name)
             disks.remove_unused(vm, paths)
             attachments[vm.name] = disks.prepare(vm, paths, self.fresh, self.uefi.get(vm.name))
             if vm.cloud_init is not None:
-                seed.write(paths.seed, seed.contents(self.stack, vm))
+                seed.write(paths.seed, seed.contents(self.stack, vm, ssh.public_key))
             roots.prepare(paths)
+        ssh.finish()  # host keys of VMs whose disks were made anew are forgotten
         return attachments
 
     def probe(self, the_host: host.Host, paths: VMPaths) -> bool:
@@ -230,7 +247,9 @@ class Supervisor:
 
     def on_event(self, child: Child, event: p.DriverEvent) -> None:
         child.state = p.next_state(child.state, event)
-        if isinstance(event, p.Running):
+        if isinstance(event, p.Console):
+            self.console_watch.line(child.name, event.line)  # host keys for vmrun ssh
+        elif isinstance(event, p.Running):
             child.running_at = time.time()
             pid = event.pid
             pidns = self.children.pidns
@@ -278,18 +297,21 @@ class Supervisor:
             vm, self.accel, self.paths.vm(vm.name).console_socket, attachments[vm.name],
             uefi=self.uefi.get(vm.name), nvram=self.paths.vm(vm.name).nvram,
             nat_link=nat.Link(self.paths.vm(vm.name).nat_socket,
-                              nat.mac(self.stack.name, vm.name)) if vm.nat else None))
+                              nat.mac(self.stack.name, vm.name)) if vm.nat else None,
+            mounts=shares.plan(vm, self.paths.vm(vm.name)),
+            virtiofsd=self.virtiofsd or shares.VIRTIOFSD))
             for vm in self.stack.vms}
         # Until this run ends, last-run.json says it has not.
         RunResult(self.stack.name, None, self.results, accel=self.accel).write(
             self.paths.last_run)
         forwarder = self.start_forwarder(listeners)
         self.start_due(xml)
-        while not self.scheduler.idle or not all(c.done for c in self.drivers.values()):
+        while not self.scheduler.idle or not all(self.settled(c) for c in self.drivers.values()):
             self.wait(TICK)
             self.listener("", p.Tick(), None)
             self.check_drivers()
             self.start_due(xml)
+        self.end_drivers()
         for child in self.drivers.values():
             self.children.kill_qemu(child)  # it should be gone: make sure
             self.children.forget(child)
@@ -300,6 +322,23 @@ class Supervisor:
         while not self.children.settle_qemus() and time.monotonic() < deadline:
             self.wait(0.05)
         return self.finish()
+
+    def settled(self, child: Child) -> bool:
+        """The driver has ended, or has sent the final outcome of its VM (a driver sends
+        it as soon as its guest has powered off and QEMU closed the console, while libvirt
+        still tears QEMU down: nothing of that changes the outcome)."""
+        return child.done or (child.result is not None and child.name in self.scheduler.final)
+
+    def end_drivers(self) -> None:
+        """Drivers still in libvirt's teardown of a QEMU that is ending go now (what they
+        leave in their roots, the next run clears); each is reaped."""
+        pending = [child for child in self.drivers.values() if not child.done]
+        for child in pending:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while not all(child.done for child in pending) and time.monotonic() < deadline:
+            self.wait(0.01)
 
     def check_drivers(self) -> None:
         for child in self.drivers.values():
@@ -355,10 +394,13 @@ class Supervisor:
             name=vm.name, root=str(paths.root), xml=xml, pidfile=str(paths.pidfile),
             console_socket=str(paths.console_socket), attach_socket=str(paths.attach_socket),
             console_log=str(paths.console_log), success=vm.success, failure=vm.failure,
-            timeout=vm.timeout, ready=vm.ready, ready_timeout=vm.ready_timeout,
+            timeout=vm.timeout, ready=vm.ready.console if vm.ready else None,
+            ready_timeout=vm.ready_timeout, ready_probe=self.ready_probes.get(vm.name),
             stop_timeout=self.stack.stop_timeout, supervisor_pid=self.children.parent_pid,
             netns=str(self.netns_path) if vm.networks and self.netns_path else None,
-            own_proc=self.children.pidns is not None)
+            own_proc=self.children.pidns is not None,
+            shares=tuple(p.ShareBind(source=str(m.host), target=str(m.dir), readonly=m.readonly)
+                         for m in shares.plan(vm, paths)))
         if vm.nat:
             self.start_passt(vm, paths)
         child = self.children.spawn_driver(vm.name, ["run", spec.to_json()], paths,

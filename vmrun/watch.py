@@ -21,6 +21,11 @@ The rules:
   the machine more than once (the kernel tries one reset method after another; 2 resets
   42 ms apart here): resets less than REBOOT_SETTLE apart count as one reboot.  (With
   on_reboot = "stop", libvirt ends the domain at the reboot as at a poweroff: "ok".)
+* Readiness: by a console line (`ready`), or by a probe the driver runs (`ready_probe`: a
+  TCP connect, a command over ssh).  The Watch says when to probe (Action.PROBE, at most
+  one attempt at a time, every `ready_probe` seconds until one succeeds) and the driver
+  says how it went (`probed`); either way the first success marks the guest ready, and
+  `ready_timeout` fails it (the reason then names the last probe's failure).
 
 Patterns are RE2 expressions (`compile_pattern`): RE2 does not backtrack, so a line costs
 time linear in its length whatever the pattern, and no pattern and line can pin the
@@ -99,6 +104,7 @@ class Rules:
     ready: Matcher | None = None  # None: ready as soon as it runs
     timeout: float | None = None  # seconds from start to a forced "failed"
     ready_timeout: float = 0.0  # 0: no limit
+    ready_probe: float | None = None  # seconds between readiness probes; None: none
     panic: Matcher | None = regex_matcher(PANIC_PATTERN)
 
 
@@ -108,6 +114,7 @@ class Action(enum.Enum):
     REPORT_READY = "ready"
     REPORT_STOPPING = "stopping"  # the reason is `Watch.decision`'s
     REPORT_REBOOTED = "rebooted"
+    PROBE = "probe"  # start a readiness probe; answer with `Watch.probed`
 
 
 class Stopped(enum.Enum):
@@ -132,6 +139,9 @@ class Watch:
         self.forced: str | None = None  # why a stop request ended in a destroy
         self.reboots = 0
         self.last_reset: float | None = None
+        self.next_probe: float | None = None
+        self.probe_started: float | None = None
+        self.probe_failure: str | None = None  # how the last probe failed
 
     def _decide(self, outcome: Outcome, reason: str) -> None:
         if self.decision is None:
@@ -146,10 +156,29 @@ class Watch:
         """The guest runs its first instruction now."""
         if self.rules.timeout:
             self.deadline = now + self.rules.timeout
-        if self.rules.ready is None:
+        if self.rules.ready is None and self.rules.ready_probe is None:
             return self._mark_ready()
         if self.rules.ready_timeout:
             self.ready_deadline = now + self.rules.ready_timeout
+        if self.rules.ready_probe is not None:
+            self.probe_started = now
+            return [Action.PROBE]
+        return []
+
+    @property
+    def probing(self) -> bool:
+        """Readiness probes are still wanted: not ready yet, and nothing decided."""
+        return self.rules.ready_probe is not None and not self.ready and self.decision is None
+
+    def probed(self, now: float, ok: bool, failure: str = "") -> list[Action]:
+        """The driver's readiness probe succeeded, or failed (saying how)."""
+        if not self.probing or self.rules.ready_probe is None:
+            return []
+        if ok:
+            return self._mark_ready()
+        self.probe_failure = failure or None
+        started = now if self.probe_started is None else self.probe_started
+        self.next_probe = max(now, started + self.rules.ready_probe)
         return []
 
     def _mark_ready(self) -> list[Action]:
@@ -214,8 +243,9 @@ class Watch:
         return [Action.REPORT_REBOOTED]
 
     def next_deadline(self) -> float | None:
+        probe = self.next_probe if self.probing else None
         times = [t for t in (self.deadline, self.ready_deadline, self.stop_deadline,
-                             self.next_press) if t is not None]
+                             self.next_press, probe) if t is not None]
         return min(times) if times else None
 
     def tick(self, now: float) -> list[Action]:
@@ -226,7 +256,13 @@ class Watch:
                 actions += self._fail(f"timeout after {self.rules.timeout:g}s")
         if self.ready_deadline is not None and now >= self.ready_deadline:
             self.ready_deadline = None
-            actions += self._fail(f"not ready after {self.rules.ready_timeout:g}s")
+            failure = f" (last check: {self.probe_failure})" if self.probe_failure else ""
+            actions += self._fail(f"not ready after {self.rules.ready_timeout:g}s{failure}")
+        if self.next_probe is not None and now >= self.next_probe:
+            self.next_probe = None
+            if self.probing:
+                self.probe_started = now
+                actions.append(Action.PROBE)
         if self.stop_deadline is not None and now >= self.stop_deadline:
             self.stop_deadline = self.next_press = None
             self.forced = self.forced or DESTROYED_AFTER_TIMEOUT

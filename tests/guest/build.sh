@@ -21,8 +21,11 @@ kernel_meta=linux-image-cloud-amd64
 #   virtio  only when the machine has a virtio PCI device: the virtio PCI
 #           transport, network and disk drivers, virtio-scsi with the SCSI CD-ROM
 #           driver and the iso9660 filesystem (cloud-init seed images)
+#   virtiofs  only when the machine has a virtio-fs device (shared folders):
+#           virtiofs and FUSE (its virtio dependencies are in group virtio)
 base_modules=(evdev button)
 virtio_modules=(virtio_pci virtio_net virtio_blk virtio_scsi sr_mod isofs)
+virtiofs_modules=(virtiofs)
 # Extra insmod arguments: scan SCSI buses synchronously, so a CD-ROM on
 # virtio-scsi exists as soon as insmod virtio_scsi returns.
 declare -A modargs=([scsi_mod]="scan=sync")
@@ -171,6 +174,9 @@ for m in "${base_modules[@]}"; do
 done
 for m in "${virtio_modules[@]}"; do
     add_module virtio "$m"
+done
+for m in "${virtiofs_modules[@]}"; do
+    add_module virtiofs "$m"
 done
 for gm in "${order[@]}"; do
     m=${gm#* }

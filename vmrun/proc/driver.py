@@ -13,7 +13,9 @@ supervisor (the specs: vmrun.protocol), never by users.  It
   Commands (stop, destroy) on stdin;
 * carries out what its `Watch` (vmrun.watch: the outcome rules) decides, and turns
   SIGINT/SIGTERM/SIGHUP into a stop request;
-* runs inside the stack's network namespace when the VM has networks.
+* runs inside the stack's network namespace when the VM has networks;
+* runs the VM's readiness probe (`ready = { port = … }` or `{ ssh = … }`: a TCP connect or
+  a command, vmrun/proc/probes.py) whenever its Watch asks, from this same loop.
 
 Import order matters: libvirt is imported in `main()` only after the namespace has been
 entered (libvirt may start threads as it loads, and a thread-ful process cannot setns
@@ -37,9 +39,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vmrun import _fastsig, console, procs
+from vmrun import _fastsig, console, procs, shares
 from vmrun import protocol as p
-from vmrun.proc import affinity
+from vmrun.proc import affinity, probes
 from vmrun.watch import Action, Rules, Stopped, Watch, regex_matcher
 
 libvirt: Any = None  # imported by main(), after setns (see above)
@@ -108,13 +110,22 @@ class Driver:
         self.watch = Watch(Rules(success=regex_matcher(spec.success),
                                  failure=regex_matcher(spec.failure),
                                  ready=regex_matcher(spec.ready),
-                                 timeout=spec.timeout, ready_timeout=spec.ready_timeout))
+                                 timeout=spec.timeout, ready_timeout=spec.ready_timeout,
+                                 ready_probe=spec.ready_probe.interval
+                                 if spec.ready_probe is not None else None))
+        self.ready_probe = probes.make(spec.ready_probe) if spec.ready_probe else None
         self.qemu_pid: int | None = None
         self.dom: Any = None
         self.reader: threading.Thread | None = None
         self.reader_ready = threading.Event()
         self.started = 0.0  # wall clock, for the result
         self.warnings: list[str] = []
+        # The guest powered off (libvirt's SHUTDOWN event, guest-initiated) and QEMU has
+        # closed the console: the result is known and sent at once (`reported`), not
+        # after libvirt's kill loop has noticed that QEMU is gone (0.2 s later).
+        self.guest_shut_down = False
+        self.console_ended = False
+        self.reported = False
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -135,6 +146,8 @@ class Driver:
     def supervisor_died(self) -> None:
         """Kill QEMU now (it would outlive us) and leave without a word."""
         self.kill_qemu()
+        if self.ready_probe is not None:
+            self.ready_probe.cancel()
         os._exit(1)
 
     def kill_qemu(self) -> None:
@@ -151,6 +164,11 @@ class Driver:
 
     def run(self) -> int:
         self.events.send(p.Starting())
+        if self.spec.shares:
+            problem = self.bind_shares()
+            if problem is not None:
+                self.finish(p.Outcome.FAILED, f"start error: {problem}")
+                return 1
         try:
             with affinity.one_cpu():  # libvirt reads the host's CPUID data here
                 conn = open_root(self.spec.root, lambda e, d: self.post("lifecycle", e, d),
@@ -181,6 +199,18 @@ class Driver:
             return 1
         return self.loop()
 
+    def bind_shares(self) -> str | None:
+        """Bind the shared folders where virtiofsd will serve them; what went wrong, if
+        anything.  Only in a mount namespace of our own: never in the host's."""
+        if not self.spec.own_proc:
+            return "shared folders need the driver's own mount namespace (run as root)"
+        try:
+            shares.bind((b.source, b.target, b.readonly) for b in self.spec.shares)
+        except OSError as exc:
+            where = f" {exc.filename}" if exc.filename else ""
+            return f"shared folder{where}: {exc.strerror or exc}"
+        return None
+
     def read_console(self) -> None:
         """Relay the serial console (log file, main loop, `vmrun console` clients)."""
         try:
@@ -199,15 +229,19 @@ class Driver:
     def loop(self) -> int:
         while True:
             if not self.queue:
-                deadline = self.watch.next_deadline()
-                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                probe = self.ready_probe
+                times = [t for t in (self.watch.next_deadline(),
+                                     probe.deadline() if probe else None) if t is not None]
+                wait = max(0.0, min(times) - time.monotonic()) if times else None
+                reads, writes = probe.fds() if probe else ([], [])
                 with contextlib.suppress(InterruptedError):
-                    select.select([self.wake_r, COMMAND_FD], [], [], wait)
+                    select.select([self.wake_r, COMMAND_FD, *reads], writes, [], wait)
                 with contextlib.suppress(BlockingIOError):
                     while os.read(self.wake_r, 4096):
                         pass
             self.read_commands()
             self.check_supervisor()
+            self.poll_probe()
             while self.queue:
                 event = self.queue.popleft()
                 if event[0] == "lifecycle" and event[1] == libvirt.VIR_DOMAIN_EVENT_STOPPED:
@@ -236,6 +270,22 @@ class Driver:
             self.carry_out(self.watch.crashed())
         elif kind == "reset":
             self.carry_out(self.watch.reset(event[1]))
+        elif kind == "lifecycle" and event[1] == libvirt.VIR_DOMAIN_EVENT_SHUTDOWN:
+            self.guest_shut_down = event[2] == libvirt.VIR_DOMAIN_EVENT_SHUTDOWN_GUEST
+            self.report_early()
+        elif kind == "console-eof":
+            self.console_ended = True
+            self.report_early()
+
+    def report_early(self) -> None:
+        """Send the result of a guest that powered itself off as soon as its last console
+        line is in: QEMU has closed the console, so it is ending; libvirt's teardown of
+        it (the STOPPED event) follows and changes nothing of the outcome."""
+        if self.guest_shut_down and self.console_ended and not self.reported:
+            if self.ready_probe is not None:
+                self.ready_probe.cancel()
+            self.finish(*self.watch.outcome(Stopped.SHUTDOWN))
+            self.reported = True
 
     def carry_out(self, actions: list[Action]) -> None:
         for action in actions:
@@ -250,9 +300,25 @@ class Driver:
                 self.events.send(p.Ready())
             elif action is Action.REPORT_REBOOTED:
                 self.events.send(p.Rebooted())
+            elif action is Action.PROBE and self.ready_probe is not None:
+                result = self.ready_probe.start(time.monotonic())
+                if result is not None:  # it could tell at once
+                    self.carry_out(self.watch.probed(time.monotonic(), *result))
             elif action is Action.REPORT_STOPPING:
                 decision = self.watch.decision
                 self.events.send(p.Stopping(reason=decision[1] if decision else ""))
+
+    def poll_probe(self) -> None:
+        """Take the readiness probe's answer; end an attempt no longer wanted."""
+        probe = self.ready_probe
+        if probe is None or not probe.busy:
+            return
+        if not self.watch.probing:  # ready, or decided otherwise meanwhile
+            probe.cancel()
+            return
+        result = probe.poll(time.monotonic())
+        if result is not None:
+            self.carry_out(self.watch.probed(time.monotonic(), *result))
 
     def read_commands(self) -> None:
         """Commands from the supervisor on stdin; EOF means it is gone."""
@@ -273,6 +339,10 @@ class Driver:
             self.kill_qemu()
 
     def stopped(self, detail: int) -> int:
+        if self.reported:
+            return 0
+        if self.ready_probe is not None:
+            self.ready_probe.cancel()
         # QEMU is gone, so the console socket is at EOF: take every last line first.
         if self.reader is not None:
             self.reader.join(5)

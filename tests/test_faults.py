@@ -58,13 +58,14 @@ def test_full_disk_while_a_guest_runs_never_turns_failed_into_ok(guest: Path, tm
     """The console log hits ENOSPC early; the failure marker printed long after must still
     fail the VM.  The lost log is reported."""
     manifest = write_stack(tmp_path, guest, {
-        "chatty": {"cmdline": cmdline(say="chatty up", extra="guest.lines=20000"),
-                   "failure": "guest: line 20000$"},
+        # the marker comes 3 s after the flood: the test frees the disk meanwhile
+        "chatty": {"cmdline": cmdline(say="chatty up", sleep=3, extra="guest.lines=20000"),
+                   "failure": "guest: powering off$"},
     }, state_dir=str(small_disk / "state"))
     filler = fill(small_disk, leave=64 * 1024)  # room to start, not for 20,000 lines
     up = Up(manifest)
     try:
-        up.expect("chatty | guest: line 15000", timeout=180)  # console.log is full by now
+        up.expect("chatty | guest: line 20000", timeout=180)  # console.log is full by now
         filler.unlink()  # room again, for last-run.json at the end
         assert up.wait(120) == 1, up.stderr
     finally:

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import email
 import email.policy
+import functools
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -199,7 +202,8 @@ def stack(guest: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
     (directory / "user.yaml").write_text(f"#cloud-config\nssh_authorized_keys:\n  - {public}\n")
     manifest = write_stack(directory, guest, {"web": {
         "boot": "bios", "disks": [{"image": str(image)}], "memory": "768M", "cpus": 2,
-        "networks": ["lan"], "cloud_init": {"user_data": "user.yaml"}, "timeout": 600,
+        "networks": ["lan"], "nat": True, "cloud_init": {"user_data": "user.yaml"},
+        "timeout": 600,
         "ready": {"ssh": "test -e /var/lib/cloud/instance/boot-finished"},
         "ready_timeout": 400}},
         network={"lan": {}})
@@ -267,6 +271,29 @@ def test_plain_ssh_with_the_printed_config(stack: Path, tmp_path: Path) -> None:
     plain = subprocess.run(["ssh", "-F", str(other), "web.t", "whoami"], capture_output=True,
                            text=True, timeout=30, stdin=subprocess.DEVNULL)
     assert (plain.returncode, plain.stdout) == (0, "debian\n"), plain.stderr
+
+
+@pytest.mark.timeout(120)
+def test_the_guest_names_its_stack_and_fetches_a_page_over_nat(stack: Path,
+                                                              tmp_path: Path) -> None:
+    """/etc/hosts has the stack's VMs (the boothook vmrun adds); with nat, a page of an
+    HTTP server on the host's loopback comes through the NAT gateway."""
+    proc = run("exec", str(stack), "web", "--", "getent hosts web.lan")
+    assert proc.returncode == 0 and proc.stdout.split()[1:] == ["web", "web.lan"], proc
+    (tmp_path / "page.html").write_text("served by the host\n")
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(http.server.SimpleHTTPRequestHandler,
+                                            directory=str(tmp_path)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        proc = run("exec", str(stack), "web", "--",
+                   f"curl -sS --max-time 20 http://10.0.2.2:{port}/page.html")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (proc.returncode, proc.stdout) == (0, "served by the host\n"), proc.stderr
 
 
 @pytest.mark.timeout(60)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,19 @@ def in_netns(name: str) -> list[str]:
     """Command prefix: run in the network namespace `name` (a test's own), and in this
     mount namespace, so that namespaces vmrun creates are visible to the test."""
     return ["nsenter", f"--net=/run/netns/{name}"]
+
+
+@pytest.fixture
+def test_netns() -> Iterator[str]:
+    """A network namespace of the test's own, with only loopback up: what a test forwards
+    or sends stays inside it."""
+    name = f"vmrun-test-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, timeout=30)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False, timeout=30)
 
 
 def vmrun(*args: str, netns: str | None = None,

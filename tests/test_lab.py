@@ -14,8 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -109,18 +107,6 @@ def test_cloud_init_seed(guest: Path, tmp_path: Path) -> None:
     assert up.wait(150) == 0, up.stderr
     assert "cloudy | meta: instance-id: t-cloudy" in up.output
     assert "cloudy | meta: local-hostname: cloudy" in up.output
-
-
-@pytest.fixture
-def test_netns() -> Iterator[str]:
-    """A network namespace of the test's own, with only loopback up."""
-    name = f"vmrun-test-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
-    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, timeout=30)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False, timeout=30)
 
 
 def read_forward(netns: str, port: int) -> str:

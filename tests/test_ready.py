@@ -17,8 +17,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -273,19 +271,6 @@ def test_command_probe_cancel_kills_and_reaps_only_its_own_child() -> None:
 
 
 # --- real guests ----------------------------------------------------------------------------
-
-@pytest.fixture
-def test_netns() -> Iterator[str]:
-    """A network namespace of the test's own (only loopback up): forwarded ports live on
-    its loopback, not the host's."""
-    name = f"vmrun-test-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
-    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, timeout=30)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False, timeout=30)
-
 
 def network_stack(directory: Path, guest: Path, vm: dict[str, Any]) -> Path:
     path = write_stack(directory, guest, {"web": {"networks": ["lan"], **vm}}, name="rdy")

@@ -147,6 +147,14 @@ def _checksum(value: dict[str, Any]) -> tuple[str, str] | None:
     return algo, digest.lower()
 
 
+def _known_keys(value: dict[str, Any], keys: list[str], expected: str) -> None:
+    """Refuse a table with a key not in `keys` (naming the first, with a close match)."""
+    unknown = sorted(set(value) - set(keys))
+    if unknown:
+        raise Invalid(expected, found=f'the unknown key "{unknown[0]}"',
+                      hint=did_you_mean(unknown[0], keys))
+
+
 def _size(value: Any) -> int:
     size = parse_size_mib(value)
     if not MIN_DISK_MIB <= size <= MAX_DISK_MIB or not size.is_integer():
@@ -160,10 +168,7 @@ def _disk(value: Any, ctx: Context) -> Disk:
                 'sha512, media = "disk" | "cdrom" and boot = true')
     if not isinstance(value, dict):
         raise Invalid(expected)
-    unknown = sorted(set(value) - set(_DISK_KEYS))
-    if unknown:
-        raise Invalid(expected, found=f'the unknown key "{unknown[0]}"',
-                      hint=did_you_mean(unknown[0], _DISK_KEYS))
+    _known_keys(value, _DISK_KEYS, expected)
     if "image" not in value and "size" not in value:
         raise Invalid(expected + " (an image or a size)")
     for key in ("readonly", "boot"):
@@ -264,10 +269,7 @@ def cloud_init(value: Any, ctx: Context) -> CloudInit:
     if not isinstance(value, dict):
         raise Invalid(expected)
     keys = ["user_data", "meta_data", "network_config"]
-    unknown = sorted(set(value) - set(keys))
-    if unknown:
-        raise Invalid(expected, found=f'the unknown key "{unknown[0]}"',
-                      hint=did_you_mean(unknown[0], keys))
+    _known_keys(value, keys, expected)
     if "user_data" not in value:
         raise Invalid(expected, found="no user_data")
     return CloudInit(
@@ -317,10 +319,7 @@ def _share(value: Any, index: int, ctx: Context) -> Share:
                 'readonly = true')
     if not isinstance(value, dict):
         raise Invalid(expected)
-    unknown = sorted(set(value) - set(_SHARE_KEYS))
-    if unknown:
-        raise Invalid(expected, found=f'the unknown key "{unknown[0]}"',
-                      hint=did_you_mean(unknown[0], _SHARE_KEYS))
+    _known_keys(value, _SHARE_KEYS, expected)
     for key in ("host", "guest"):
         if key not in value:
             raise Invalid(expected, found=f"no {key}")

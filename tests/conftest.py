@@ -144,7 +144,9 @@ class Up:
             except queue.Empty:
                 continue
             if line is None:
-                raise AssertionError(f"vmrun up ended before {missing}; saw {self.seen}")
+                assert self.proc.stderr is not None
+                raise AssertionError(f"vmrun up ended before {missing}; saw {self.seen}; "
+                                     f"stderr: {self.proc.stderr.read()}")
             self.seen.append(line)
             missing = [f for f in missing if f not in line]
 

@@ -112,6 +112,9 @@ print(",".join(bad))
     # the driver: no lxml, no manifest (libvirt comes later, after setns)
     ("vmrun.proc.driver", ["lxml", "vmrun.manifest", "vmrun.settings", "libvirt", "rich"]),
     ("vmrun.proc.forward", ["lxml", "vmrun.manifest", "libvirt", "rich"]),
+    # the zygote: what the drivers it forks share, the driver's imports only
+    ("vmrun.proc.zygote", ["lxml", "vmrun.manifest", "vmrun.settings", "libvirt", "rich",
+                           "vmrun.supervisor"]),
     # the supervisor never imports libvirt
     ("vmrun.supervisor", ["libvirt"]),
     # the CLI's light verbs load neither libvirt nor the supervisor

@@ -107,3 +107,28 @@ cdef extern from "<poll.h>" nogil:
         short revents
     enum: POLLIN
     int poll(pollfd *fds, unsigned long nfds, int timeout)
+
+# For _fastsig_fork.pxi (the driver zygote).
+cdef extern from "<sched.h>" nogil:
+    enum:
+        CLONE_PARENT
+
+cdef extern from "<sys/syscall.h>" nogil:
+    enum:
+        SYS_clone
+
+cdef extern from "<unistd.h>" nogil:
+    long syscall(long number, ...)
+
+cdef extern from "<string.h>" nogil:
+    void *memcpy(void *dest, const void *src, size_t n)
+    void *memset(void *s, int c, size_t n)
+    int memcmp(const void *a, const void *b, size_t n)
+
+cdef extern from "<stdint.h>" nogil:
+    ctypedef unsigned long uintptr_t
+
+cdef extern from "Python.h":
+    void PyOS_BeforeFork()
+    void PyOS_AfterFork_Parent()
+    void PyOS_AfterFork_Child()

@@ -410,3 +410,4 @@ def take_signals():
 
 
 include "_fastsig_ns.pxi"
+include "_fastsig_fork.pxi"

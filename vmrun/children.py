@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmrun import _fastsig, procs
+from vmrun import _fastsig, procs, zygote
 from vmrun import protocol as p
 from vmrun.layout import VMPaths
 from vmrun.pidns import PidNamespace
@@ -88,32 +88,85 @@ class Children:
         self.by_pid: dict[int, Child] = {}
         self.exits: dict[int, int] = {}  # pid -> raw status, for pids not (yet) known
         self.qemu_pids: set[int] = set()
+        self.zygote: zygote.Zygote | None = None  # forks the drivers (vmrun/proc/zygote.py)
+        self.zygote_args: tuple[Path, list[list[str]], Path] | None = None
 
-    def spawn_driver(self, name: str, argv: Sequence[str], paths: VMPaths, log: Path,
-                     proceed: Callable[[], bool] | None = None) -> Child | None:
-        """Start a driver with its event pipe on fd 3 and its command pipe on stdin;
-        None when `proceed` (asked with the stop signals held) says no."""
-        event_r, event_w = os.pipe2(os.O_CLOEXEC)
-        command_r, command_w = os.pipe2(os.O_CLOEXEC)
-        os.set_blocking(event_r, False)
-        log.parent.mkdir(parents=True, exist_ok=True)
+    def start_zygote(self, stack_dir: Path, titles: Sequence[Sequence[str]], log: Path) -> None:
+        """Start the driver zygote (vmrun/proc/zygote.py) now, so that its imports run
+        while the supervisor prepares the rest; `titles`: every driver's command line."""
+        self.zygote_args = (stack_dir, [list(t) for t in titles], log)
+        ours, theirs = zygote.socketpair()
         env = dict(os.environ)
         env.pop("PYTHONSTARTUP", None)
-        env["LIBVIRT_LOG_OUTPUTS"] = f"3:file:{log}"
-        fds = {0: command_r, EVENT_FD: event_w}
+        env["LIBVIRT_LOG_OUTPUTS"] = "3:stderr"  # fd 2 of each driver is its own log
+        fds = {zygote.SOCK_FD: theirs.fileno()}
         if self.lock_fd >= 0:
             fds[self.lock_fd] = self.lock_fd
-        pid = None
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_bytes(b"")
         try:
             with self.born_inside():
-                pid = spawn([sys.executable, "-m", "vmrun.proc.driver", *argv],
-                            fds=fds, env=env, log=log,
-                            hold=FORWARDED, registered=_fastsig.register_process,
-                            proceed=proceed)
+                pid = spawn(zygote.argv(str(stack_dir), titles), fds=fds, env=env, log=log,
+                            hold=FORWARDED)
+        except BaseException:
+            ours.close()
+            raise
         finally:
-            os.close(event_w)
-            os.close(command_r)
-            if pid is None:  # not started (or spawn failed): our ends go too
+            theirs.close()
+        assert pid is not None
+        self.zygote = zygote.Zygote(pid, ours, str(log))
+
+    def live_zygote(self) -> zygote.Zygote:
+        """The zygote; a new one if it is gone (killed, say)."""
+        if self.zygote is not None and self.zygote.pid in self.exits:
+            self.exits.pop(self.zygote.pid)
+            self.zygote.close()
+            self.zygote = None
+        if self.zygote is None:
+            assert self.zygote_args is not None, "start_zygote() first"
+            self.start_zygote(*self.zygote_args)
+        assert self.zygote is not None
+        return self.zygote
+
+    def end_zygote(self) -> None:
+        """End the zygote and reap it (the reaper is uninstalled by now)."""
+        if self.zygote is not None:
+            self.zygote.close()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.zygote.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):  # reaped already
+                os.waitpid(self.zygote.pid, 0)
+            self.exits.pop(self.zygote.pid, None)
+            self.zygote = None
+
+    def spawn_driver(self, name: str, kind: str, spec: str, paths: VMPaths, log: Path,
+                     proceed: Callable[[], bool] | None = None) -> Child | None:
+        """Have the zygote fork a driver (`kind` "run" or "probe", its spec as JSON) with
+        its event pipe on fd 3, its command pipe on stdin and `log` as stdout and stderr;
+        None when `proceed` (asked with the stop signals held) says no.  Raises HostError
+        when the zygote cannot."""
+        log.parent.mkdir(parents=True, exist_ok=True)
+        the_zygote = self.live_zygote()
+        the_zygote.wait_ready()  # before the signals are held: its imports take a while
+        event_r, event_w = os.pipe2(os.O_CLOEXEC)
+        command_r, command_w = os.pipe2(os.O_CLOEXEC)
+        log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        os.set_blocking(event_r, False)
+        pid = None
+        # Held until the pid is registered: a stop signal meanwhile reaches this driver
+        # too, and a driver that exits at once stays a zombie until its pid is known.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, [*FORWARDED, signal.SIGCHLD])
+        try:
+            if proceed is None or proceed():
+                pid = the_zygote.fork(["driver", kind, spec],
+                                      zygote.title(kind, name, str(paths.dir)),
+                                      command_r, log_fd, event_w, self.lock_fd)
+                _fastsig.register_process(pid)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            for fd in (event_w, command_r, log_fd):
+                os.close(fd)
+            if pid is None:  # not started (or the zygote failed): our ends go too
                 os.close(event_r)
                 os.close(command_w)
         if pid is None:

@@ -6,6 +6,7 @@
         up.log                      the background supervisor's output (`up --detach`)
         forward.log                 the port forwarder's messages
         probe.log                   the capabilities probe's messages
+        zygote.log                  the driver zygote's messages (vmrun/proc/zygote.py)
         vms/<vm>/console.log        the VM's whole console of the last run
         vms/<vm>/driver.log         the driver's and libvirt's messages
         vms/<vm>/disk-N.qcow2       overlay or blank disk of the VM's disks[N] (N from 0)
@@ -270,6 +271,10 @@ class StackPaths:
     @property
     def probe_log(self) -> Path:
         return self.dir / "probe.log"
+
+    @property
+    def zygote_log(self) -> Path:
+        return self.dir / "zygote.log"
 
     @property
     def vms_dir(self) -> Path:

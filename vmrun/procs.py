@@ -89,7 +89,7 @@ def stack_processes(paths: StackPaths, names: Iterable[str]) -> list[int]:
     for pid in all_pids():
         cmd = cmdline(pid)
         if b"qemu" in cmd and any(root in cmd for root in roots) or \
-                b"vmrun.proc.driver" in cmd and stack_dir in cmd:
+                (b"vmrun.proc.driver" in cmd or b"vmrun.proc.zygote" in cmd) and stack_dir in cmd:
             found.append(pid)
     return [pid for pid in found if alive(pid) and pid != os.getpid()]
 

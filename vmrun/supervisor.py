@@ -50,6 +50,7 @@ from vmrun import (
     roots,
     seed,
     shares,
+    zygote,
 )
 from vmrun import protocol as p
 from vmrun.children import FORWARDED, Child, Children, describe_status
@@ -121,6 +122,13 @@ class Supervisor:
         listeners: list[Any] = []
         server: control.ControlServer | None = None
         try:
+            # Whatever a crashed run of this stack left goes first (we hold the lock)...
+            procs.clean_runtime(self.paths, [vm.name for vm in self.stack.vms])
+            cgroups.remove(self.paths.vm(vm.name).root for vm in self.stack.vms)
+            # ... then the zygote, so that its imports run while the rest is prepared.
+            self.children.pidns = PidNamespace.create()
+            self.children.start_zygote(self.paths.dir, self.driver_titles(),
+                                       self.paths.zygote_log)
             listeners = netns.bind_forwards(self.stack)
             try:
                 attachments = self.prepare()
@@ -128,7 +136,6 @@ class Supervisor:
                 raise HostError(f"cannot prepare the stack's state in {self.paths.dir}: "
                                 f"{exc.strerror or exc}",
                                 hint="free some space (or fix the permissions)") from None
-            self.children.pidns = PidNamespace.create()
             server = control.ControlServer(self.paths, self.selector, self.control_request)
             wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self.selector.register(wake_r, selectors.EVENT_READ,
@@ -143,6 +150,7 @@ class Supervisor:
                 os.close(wake_w)
                 os.close(wake_r)
         finally:
+            self.children.end_zygote()
             self.end_namespace()
             if server is not None:
                 server.close()  # `vmrun down` clients return when they see this EOF
@@ -151,6 +159,12 @@ class Supervisor:
             netns.teardown(self.stack.state_dir)
             cgroups.remove(self.paths.vm(vm.name).root for vm in self.stack.vms)
             os.close(lock_fd)
+
+    def driver_titles(self) -> list[list[str]]:
+        """The command line of every driver this run may start (vmrun/zygote.py)."""
+        return [zygote.title("probe", "", str(self.paths.probe_root())),
+                *(zygote.title("run", vm.name, str(self.paths.vm(vm.name).dir))
+                  for vm in self.stack.vms)]
 
     def end_namespace(self) -> None:
         """Whatever is still in the stack's PID namespace dies with its init."""
@@ -168,11 +182,8 @@ class Supervisor:
     def prepare(self) -> dict[str, list[disks.Attachment]]:
         """What must exist before the reaper is installed (this may run subprocesses).
 
-        Whatever a crashed run of this stack left goes first (we hold the lock), then each
-        VM's root, disk overlays, blank disks and seed are made as needed.
+        Each VM's root, disk overlays, blank disks and seed are made as needed.
         """
-        procs.clean_runtime(self.paths, [vm.name for vm in self.stack.vms])
-        cgroups.remove(self.paths.vm(vm.name).root for vm in self.stack.vms)
         roots.collect_garbage()
         self.netns_path = netns.setup(self.stack)
         ssh = access.Preparation(self.stack)  # the stack's SSH key, made on the first run
@@ -194,7 +205,7 @@ class Supervisor:
                            virttype="kvm" if the_host.accel.name == "kvm" else "qemu",
                            supervisor_pid=self.children.parent_pid,
                            own_proc=self.children.pidns is not None)
-        child = self.children.spawn_driver("", ["probe", spec.to_json()], paths,
+        child = self.children.spawn_driver("", "probe", spec.to_json(), paths,
                                            self.paths.probe_log, proceed=self.may_start)
         if child is None:
             return False
@@ -403,7 +414,7 @@ class Supervisor:
                          for m in shares.plan(vm, paths)))
         if vm.nat:
             self.start_passt(vm, paths)
-        child = self.children.spawn_driver(vm.name, ["run", spec.to_json()], paths,
+        child = self.children.spawn_driver(vm.name, "run", spec.to_json(), paths,
                                            paths.driver_log, proceed=self.may_start)
         if child is None:
             if previous is not None:  # the outcome of its last run stands

@@ -1,0 +1,97 @@
+"""The supervisor's side of the driver zygote (vmrun/proc/zygote.py: why, and the protocol).
+
+`Zygote.start()` spawns it (through vmrun.children, so inside the stack's PID namespace);
+`fork()` has it fork one driver and returns that driver's pid as the supervisor sees it,
+read from the pidfd the zygote sends along (/proc/self/fdinfo: "Pid:"), so there is no
+search for it.  The caller holds SIGCHLD and the stop signals meanwhile (vmrun.children):
+a driver that dies at once stays a zombie, so its pid is still there to be read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from collections.abc import Sequence
+
+from vmrun.errors import HostError
+
+SOCK_FD = 3  # the zygote's socket, in the zygote
+READY = b"ready"
+READY_TIMEOUT = 120.0  # its imports, on a machine busy booting guests
+REPLY_TIMEOUT = 30.0
+
+
+def title(kind: str, name: str, directory: str) -> list[str]:
+    """The command line a driver shows (ps, vmrun.procs, the tests)."""
+    return [sys.executable, "-m", "vmrun.proc.driver", kind,
+            json.dumps({"name": name, "dir": directory})]
+
+
+def argv(stack_dir: str, titles: Sequence[Sequence[str]]) -> list[str]:
+    """The zygote's command line: long enough for every driver's title to fit in it."""
+    head = [sys.executable, "-m", "vmrun.proc.zygote", os.path.join(stack_dir, "")]
+    need = max((sum(len(os.fsencode(a)) + 1 for a in t) for t in titles), default=0)
+    have = sum(len(os.fsencode(a)) + 1 for a in head) + 1  # + the pad's NUL
+    return [*head, "-" * max(1, need - have)]
+
+
+class Zygote:
+    def __init__(self, pid: int, sock: socket.socket, log: str) -> None:
+        self.pid = pid
+        self.sock = sock
+        self.log = log
+        self.ready = False
+
+    def wait_ready(self) -> None:
+        if self.ready:
+            return
+        self.sock.settimeout(READY_TIMEOUT)
+        try:
+            data = self.sock.recv(64)
+        except (OSError, TimeoutError):
+            data = b""
+        if data != READY:
+            raise HostError(f"vmrun's driver zygote did not start (see {self.log})")
+        self.ready = True
+
+    def fork(self, argv: Sequence[str], title: Sequence[str], command_r: int, log: int,
+             event_w: int, keep: int) -> int:
+        """A new driver running `argv`; its pid (ours).  Raises HostError."""
+        self.wait_ready()
+        request = json.dumps({"argv": list(argv), "title": list(title), "keep": keep})
+        self.sock.settimeout(REPLY_TIMEOUT)
+        try:
+            socket.send_fds(self.sock, [request.encode()], [command_r, log, event_w])
+            data, fds, _flags, _addr = socket.recv_fds(self.sock, 64, 1)
+        except (OSError, TimeoutError) as exc:
+            raise HostError(f"vmrun's driver zygote failed: {exc} (see {self.log})") from None
+        if not data or not fds:
+            raise HostError(f"vmrun's driver zygote is gone (see {self.log})")
+        try:
+            return pid_of(fds[0])
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def close(self) -> None:
+        """EOF on its socket: the zygote exits (the caller reaps it)."""
+        self.sock.close()
+
+
+def pid_of(pidfd: int) -> int:
+    with open(f"/proc/self/fdinfo/{pidfd}") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                pid = int(line.split()[1])
+                if pid > 0:
+                    return pid
+    raise HostError("a driver vmrun's zygote forked is not visible here")
+
+
+def socketpair() -> tuple[socket.socket, socket.socket]:
+    """(ours, the zygote's): SOCK_SEQPACKET keeps each request a datagram."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    return ours, theirs
+

@@ -2,11 +2,14 @@
 
 libvirt probes QEMU's capabilities (0.8-0.9 s here) the first time a root is used; the result
 is kept per host and QEMU build (keyed by the QEMU binary and libvirt's QEMU driver) and
-copied into every new root, so a cold stack of N VMs pays one probe, not N.
+copied into every new root, so a cold stack of N VMs pays one probe, not N.  That cache is
+kept without libvirt's `cpu-unavailable-features` flag where this is verified to be safe
+(vmrun/capsflags.py, docs/libvirt-internals.md): 0.2 s less in every VM's start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -15,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from vmrun import host, procs
+from vmrun import capsflags, host, procs
 from vmrun.errors import HostError
 from vmrun.layout import OWNER_FILE, VMPaths, caps_cache_base, private_dir, short_root_base
 from vmrun.proc import affinity
@@ -116,10 +119,12 @@ def ensure_caps(the_host: host.Host, probe_root: Path,
 
     `probe(paths)` runs a probe driver on a fresh root at `probe_root` and says whether
     it succeeded; another stack probing at the same time is waited for (a file lock).
-    None when the probe did not succeed (each root then probes for itself).
+    None when the probe did not succeed (each root then probes for itself).  A cache
+    that still has the flag vmrun/capsflags.py removes is edited here, once, after a
+    second probe driver has shown that libvirt takes the edited file as it is.
     """
     cache = caps_cache_dir(the_host)
-    if any(cache.glob("*.xml")):
+    if any(cache.glob("*.xml")) and not capsflags.pending_in(cache):
         return cache
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -128,18 +133,75 @@ def ensure_caps(the_host: host.Host, probe_root: Path,
         raise _unusable(cache.parent, exc) from None
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another stack may be probing right now
-        if any(cache.glob("*.xml")):
-            return cache
-        paths = VMPaths(name="probe", dir=probe_root, root_link=probe_root, root=probe_root)
+        if not any(cache.glob("*.xml")):
+            found = _probe_into(probe_root, probe)
+            if not found:
+                return None
+            _write_all(found, cache)
+        _edit_caps(cache, probe_root, probe)
+    return cache
+
+
+def _probe_into(probe_root: Path, probe: Callable[[VMPaths], bool],
+                files: dict[str, bytes] | None = None) -> dict[str, bytes] | None:
+    """Run `probe` on a fresh root at `probe_root` holding the cache `files` (name ->
+    contents), if any; the cache files the root has afterwards (None: no success)."""
+    paths = VMPaths(name="probe", dir=probe_root, root_link=probe_root, root=probe_root)
+    shutil.rmtree(probe_root, ignore_errors=True)
+    try:
+        write_qemu_conf(paths)
+        if files:
+            paths.caps_dir.mkdir(parents=True)
+            for name, data in files.items():
+                write_file(paths.caps_dir / name, data)
+        if not probe(paths):
+            return None
+        return {path.name: path.read_bytes() for path in sorted(paths.caps_dir.glob("*.xml"))}
+    finally:
         shutil.rmtree(probe_root, ignore_errors=True)
-        try:
-            write_qemu_conf(paths)
-            found = sorted(paths.caps_dir.glob("*.xml")) if probe(paths) else []
-            if found:
-                _copy_all(found, cache)
-        finally:
-            shutil.rmtree(probe_root, ignore_errors=True)
-    return cache if found else None
+
+
+def _edit_caps(cache: Path, probe_root: Path, probe: Callable[[VMPaths], bool]) -> None:
+    """Remove the flag of vmrun/capsflags.py from the cache files of `cache` that still
+    have it, if libvirt reads the edited files without probing QEMU again; otherwise
+    leave them and mark the cache (capsflags.REFUSED_MARKER), so that no run tries again.
+    """
+    todo = capsflags.pending_in(cache)
+    if not todo:
+        return
+    try:
+        files = {path.name: path.read_bytes() for path in sorted(cache.glob("*.xml"))}
+        edited = {path.name: capsflags.edit(files[path.name]) for path in todo}
+    except capsflags.Unverified as exc:
+        _refuse(cache, str(exc))
+        return
+    except OSError:
+        return  # gone meanwhile (vmrun clean?): the next run sees
+    seen = _probe_into(probe_root, probe, files | edited)
+    if seen is None:
+        return  # no answer (a signal, a driver that failed): the next run tries again
+    changed = sorted(name for name, data in edited.items() if seen.get(name) != data)
+    if changed:  # libvirt probed again: it did not take the edited file
+        _refuse(cache, f"libvirt rewrote the edited {', '.join(changed)}")
+        return
+    for name, data in edited.items():
+        _replace(cache / name, data)
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Replace `path` by `data` at once (a stack copying it sees the old or the new)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write_file(tmp, data)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk: the file stays as libvirt wrote it
+
+
+def _refuse(cache: Path, reason: str) -> None:
+    with contextlib.suppress(OSError):
+        write_file(cache / capsflags.REFUSED_MARKER,
+                   f"{capsflags.FLAG} kept: {reason}\n".encode())
 
 
 def _unusable(where: Path, exc: OSError) -> HostError:
@@ -155,6 +217,21 @@ def _copy_all(files: list[Path], target: Path) -> None:
         tmp.mkdir(parents=True)
         for path in files:
             shutil.copy2(path, tmp / path.name)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _unusable(target, exc) from None
+
+
+def _write_all(files: dict[str, bytes], target: Path) -> None:
+    """Write `files` (name -> contents) into a new directory `target`, whole or not at all."""
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        for name, data in files.items():
+            write_file(tmp / name, data)
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
     except OSError as exc:

@@ -229,3 +229,17 @@ def test_accel_kvm_on_a_host_without_kvm_exits_3(guest: Path, tmp_path: Path) ->
     assert proc.returncode == 3
     assert "KVM is unusable" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / ".vmrun").exists()
+
+
+@pytest.mark.timeout(180)
+def test_driver_log_holds_this_run_and_the_one_before(guest: Path, tmp_path: Path) -> None:
+    manifest = write_stack(tmp_path, guest, {"a": {"cmdline": cmdline()}})
+    vm_dir = tmp_path / ".vmrun" / "t" / "vms" / "a"
+    for _ in range(3):
+        proc = vmrun("up", "--quiet", str(manifest), timeout=120)
+        assert proc.returncode == 0, proc.stderr
+    for log in (vm_dir / "driver.log", vm_dir / "driver.log.1"):
+        text = log.read_text()
+        assert text.count("--- vmrun driver log") == 1, text  # one run each
+        assert "libvirt version: " in text, text  # libvirt's own messages (fd 2 of the fork)
+    assert sorted(p.name for p in vm_dir.glob("driver.log*")) == ["driver.log", "driver.log.1"]

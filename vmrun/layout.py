@@ -8,7 +8,8 @@
         probe.log                   the capabilities probe's messages
         zygote.log                  the driver zygote's messages (vmrun/proc/zygote.py)
         vms/<vm>/console.log        the VM's whole console of the last run
-        vms/<vm>/driver.log         the driver's and libvirt's messages
+        vms/<vm>/driver.log         the driver's and libvirt's messages (this run's)
+        vms/<vm>/driver.log.1       the same of the run before
         vms/<vm>/disk-N.qcow2       overlay or blank disk of the VM's disks[N] (N from 0)
         vms/<vm>/disk-N.json        what that disk was made from
         vms/<vm>/seed.iso           the cloud-init NoCloud seed
@@ -168,6 +169,10 @@ class VMPaths:
     @property
     def driver_log(self) -> Path:
         return self.dir / "driver.log"
+
+    @property
+    def previous_driver_log(self) -> Path:
+        return self.dir / "driver.log.1"
 
     @property
     def seed(self) -> Path:

@@ -73,8 +73,10 @@ def prepare(paths: VMPaths) -> None:
         paths.root.mkdir(parents=True, exist_ok=True, mode=0o700)
     write_qemu_conf(paths)
     write_file(paths.console_log, b"")
-    write_file(paths.driver_log, f"--- vmrun driver log, {time.ctime()} ---\n".encode(),
-               append=True)
+    # One run's driver log and the one before it, not every run's (it grew for ever).
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(paths.driver_log, paths.previous_driver_log)
+    write_file(paths.driver_log, f"--- vmrun driver log, {time.ctime()} ---\n".encode())
 
 
 def collect_garbage() -> list[Path]:

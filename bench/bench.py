@@ -10,7 +10,7 @@ Parts (`--only`, comma-separated; all by default), medians over `--runs` runs:
   scale     1, 4 and 8 VMs at once (warm): time until every VM's first console line, and
             wall time; goal: 8 VMs <= 1.5 x 1 VM to all running
   memory    8-VM stack while the guests sleep: PSS (smaps_rollup) of the supervisor, the
-            drivers, the PID namespace's init and the forwarder, QEMU excluded; goal
+            drivers, their zygote, the PID namespace's init and the forwarder, QEMU excluded; goal
             <= 12 MiB per VM
   cli       `vmrun --help`, `vmrun ps` (stack not running), `vmrun check`; goal <= 60 ms
   teardown  SIGINT to `vmrun up` of a 4-VM stack while the guests sleep: until its QEMUs
@@ -171,7 +171,8 @@ def pss_kib(pid: int) -> int:
 
 def kind_of(pid: int, supervisor: int, ppids: dict[int, int],
             table: dict[int, list[str]]) -> str | None:
-    """supervisor, driver, probe, forwarder, init; None for QEMU and libvirt's forks."""
+    """supervisor, driver, probe, forwarder, zygote, init; None for QEMU and libvirt's
+    forks."""
     argv = table.get(pid, [])
     if pid == supervisor:
         return "supervisor"
@@ -186,6 +187,8 @@ def kind_of(pid: int, supervisor: int, ppids: dict[int, int],
         return "probe" if "probe" in argv else "driver"
     if "vmrun.proc.forward" in text:
         return "forwarder"
+    if "vmrun.proc.zygote" in text:
+        return "zygote"
     return "init" if ppids.get(pid) == supervisor else None
 
 

@@ -17,7 +17,8 @@ host:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py vmrun/_fastsig.pyx vmrun/_fastsig.pxd vmrun/_fastsig_ns.pxi
+$(VENV)/.installed: pyproject.toml setup.py vmrun/_fastsig.pyx vmrun/_fastsig.pxd vmrun/_fastsig_ns.pxi \
+		vmrun/_fastsig_fork.pxi vmrun/nsinit.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel cython
 	$(BIN)/python -m pip install -q -e '.[dev]'

@@ -1,4 +1,5 @@
-"""Drivers are forked by the driver zygote (vmrun/proc/zygote.py), on real guests.
+"""How vmrun's own processes are made, on real guests: drivers are forked by the driver
+zygote (vmrun/proc/zygote.py); the PID namespace's init is a small program.
 
 What must hold whoever forks them: every driver is the supervisor's child (it reaps them
 and reads their exit statuses), shows a driver's command line, shares the zygote's
@@ -16,6 +17,7 @@ import pytest
 from test_restart import seen
 
 from conftest import Up, cmdline, driver_pid, processes, stack_qemus, wait_until, write_stack
+from vmrun import procs
 
 
 def parent(pid: int) -> int:
@@ -55,6 +57,12 @@ def test_drivers_are_forks_of_the_zygote_and_children_of_the_supervisor(
             # a fork shares the zygote's imports (libvirt, the driver's modules): a fresh
             # Python that imported them had ~18 MiB of its own
             assert private_mib(pid) < 12, private_mib(pid)
+        # the namespace's init is vmrun-nsinit, not a fork of the supervisor (which kept
+        # ~11 MiB of the supervisor's memory for as long as the stack ran)
+        with open(f"/proc/{up.proc.pid}/task/{up.proc.pid}/children") as f:
+            children = [int(pid) for pid in f.read().split()]
+        [init] = [pid for pid in children if procs.cmdline(pid).endswith(b"vmrun-nsinit\0")]
+        assert private_mib(init) < 1, private_mib(init)
         up.proc.send_signal(signal.SIGINT)
         assert up.wait(60) == 130, up.stderr
     finally:

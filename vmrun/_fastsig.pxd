@@ -65,8 +65,6 @@ cdef extern from "<unistd.h>" nogil:
     ssize_t write(int fd, const void *buf, size_t count)
     ssize_t read(int fd, void *buf, size_t count)
     pid_t getppid()
-    void _exit(int status)
-    int close_range(unsigned int first, unsigned int last, int flags)
     int dup2(int oldfd, int newfd)
 
 cdef extern from "<fcntl.h>" nogil:
@@ -85,7 +83,7 @@ cdef extern from "<sched.h>" nogil:
         CLONE_NEWPID
         CLONE_NEWNS
 
-# For namespaces.pxi (the init of a stack's PID namespace and a driver's own /proc).
+# For _fastsig_ns.pxi (a driver's own /proc).
 cdef extern from "<sys/mount.h>" nogil:
     enum:
         MS_REC
@@ -95,18 +93,6 @@ cdef extern from "<sys/mount.h>" nogil:
         MS_NOEXEC
     int mount(const char *source, const char *target, const char *fstype,
               unsigned long flags, const void *data)
-
-cdef extern from "<sys/signalfd.h>" nogil:
-    enum: SFD_CLOEXEC
-    int signalfd(int fd, const sigset_t *mask, int flags)
-
-cdef extern from "<poll.h>" nogil:
-    struct pollfd:
-        int fd
-        short events
-        short revents
-    enum: POLLIN
-    int poll(pollfd *fds, unsigned long nfds, int timeout)
 
 # For _fastsig_fork.pxi (the driver zygote).
 cdef extern from "<sched.h>" nogil:

@@ -1,8 +1,8 @@
 """The stack's PID namespace: nothing of a stack outlives its supervisor.
 
 The supervisor's children (drivers, the probe, the forwarder) are born in a PID
-namespace whose init is a small process forked from the supervisor
-(`_fastsig.namespace_init`: it reaps orphans and exits when the supervisor is gone).
+namespace whose init is a small C program, vmrun-nsinit (vmrun/nsinit.c, built with the
+extension: it reaps orphans and exits when the supervisor is gone).
 When that init exits, for whatever reason, the kernel kills every process of the
 namespace, QEMUs included, whatever order a `kill -9` of the whole tree takes: the
 supervisor's death ends the init (parent-death signal, and EOF on a pipe only the
@@ -19,8 +19,13 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 from vmrun import _fastsig, procs
+from vmrun.spawn import spawn
+
+INIT = Path(__file__).with_name("vmrun-nsinit")
+INIT_GUARD_FD = 3  # the read end of its guard pipe, in the init
 
 
 class PidNamespace:
@@ -43,12 +48,9 @@ class PidNamespace:
         try:
             _fastsig.unshare_pid_namespace()
             try:
-                pid = os.fork()
-                if pid == 0:  # pid 1 of the new namespace
-                    try:
-                        _fastsig.namespace_init(guard_r)
-                    finally:
-                        os._exit(1)
+                # pid 1 of the new namespace
+                pid = spawn([str(INIT)], fds={INIT_GUARD_FD: guard_r}, env={})
+                assert pid is not None
                 fd = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
             finally:
                 _fastsig.enter_pid_namespace(own)  # later children: here, as before

@@ -50,6 +50,7 @@ def test_drivers_are_forks_of_the_zygote_and_children_of_the_supervisor(
         for name in ("a", "b"):
             pid = driver_pid(name, manifest)
             assert parent(pid) == up.proc.pid  # reaped by the supervisor, not the zygote
+            assert os.getpgid(pid) == pid  # its own group: killpg ends it and libvirt's forks
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 args = [a for a in f.read().split(b"\0") if a]
             assert args[-2:] == [b"run", f'{{"name": "{name}", "dir": '

@@ -75,7 +75,10 @@ def serve(sock: socket.socket) -> None:
 
 
 def become_driver(sock: socket.socket, fds: list[int], request: dict[str, object]) -> None:
-    """In the fork: put the descriptors in place, close the rest, run the driver."""
+    """In the fork: a process group of its own (as `vmrun.spawn` gives every child: the
+    supervisor ends a driver and libvirt's forks in it with killpg), the descriptors in
+    place, the rest closed; then the driver."""
+    os.setpgid(0, 0)
     command_r, log, event_w = fds
     keep = request["keep"]
     assert isinstance(keep, int)

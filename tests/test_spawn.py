@@ -62,8 +62,9 @@ def test_renumbering_swaps_safely(tmp_path: Path) -> None:
 def test_supervisor_keeps_two_descriptors_per_driver_and_frees_them(tmp_path: Path) -> None:
     children = Children()
     paths = StackPaths(tmp_path / "s")
+    children.start_zygote(paths.dir, [], tmp_path / "zygote.log")
     before = open_fds()
-    spawned = [children.spawn_driver(f"vm{i}", ["no-such-mode", "{}"], paths.vm(f"vm{i}"),
+    spawned = [children.spawn_driver(f"vm{i}", "no-such-mode", "{}", paths.vm(f"vm{i}"),
                                      tmp_path / f"driver{i}.log") for i in range(8)]
     assert len(open_fds()) == len(before) + 2 * len(spawned)
     for child in spawned:
@@ -74,3 +75,4 @@ def test_supervisor_keeps_two_descriptors_per_driver_and_frees_them(tmp_path: Pa
         os.close(child.fd)
         wait(child.pid)
     assert open_fds() == before
+    children.end_zygote()

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from vmrun import capsflags, host, procs
+from vmrun import host, procs
 from vmrun.errors import HostError
 from vmrun.layout import OWNER_FILE, VMPaths, caps_cache_base, private_dir, short_root_base
 from vmrun.proc import affinity
@@ -125,6 +125,8 @@ def ensure_caps(the_host: host.Host, probe_root: Path,
     that still has the flag vmrun/capsflags.py removes is edited here, once, after a
     second probe driver has shown that libvirt takes the edited file as it is.
     """
+    from vmrun import capsflags  # (lxml) imported when needed: after the zygote started
+
     cache = caps_cache_dir(the_host)
     if any(cache.glob("*.xml")) and not capsflags.pending_in(cache):
         return cache
@@ -168,6 +170,8 @@ def _edit_caps(cache: Path, probe_root: Path, probe: Callable[[VMPaths], bool]) 
     have it, if libvirt reads the edited files without probing QEMU again; otherwise
     leave them and mark the cache (capsflags.REFUSED_MARKER), so that no run tries again.
     """
+    from vmrun import capsflags
+
     todo = capsflags.pending_in(cache)
     if not todo:
         return
@@ -201,6 +205,8 @@ def _replace(path: Path, data: bytes) -> None:
 
 
 def _refuse(cache: Path, reason: str) -> None:
+    from vmrun import capsflags
+
     with contextlib.suppress(OSError):
         write_file(cache / capsflags.REFUSED_MARKER,
                    f"{capsflags.FLAG} kept: {reason}\n".encode())

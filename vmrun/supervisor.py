@@ -39,7 +39,6 @@ from vmrun import (
     cgroups,
     control,
     disks,
-    domain,
     firmware,
     host,
     lock,
@@ -48,7 +47,6 @@ from vmrun import (
     procs,
     readiness,
     roots,
-    seed,
     shares,
     zygote,
 )
@@ -125,7 +123,8 @@ class Supervisor:
             # Whatever a crashed run of this stack left goes first (we hold the lock)...
             procs.clean_runtime(self.paths, [vm.name for vm in self.stack.vms])
             cgroups.remove(self.paths.vm(vm.name).root for vm in self.stack.vms)
-            # ... then the zygote, so that its imports run while the rest is prepared.
+            # ... then the zygote, so that its imports run while the rest is prepared (and
+            # while this process imports what it needs only from here on: seed, domain).
             self.children.pidns = PidNamespace.create()
             self.children.start_zygote(self.paths.dir, self.driver_titles(),
                                        self.paths.zygote_log)
@@ -184,6 +183,8 @@ class Supervisor:
 
         Each VM's root, disk overlays, blank disks and seed are made as needed.
         """
+        from vmrun import seed  # imported here, after the zygote started (see run)
+
         roots.collect_garbage()
         self.netns_path = netns.setup(self.stack)
         ssh = access.Preparation(self.stack)  # the stack's SSH key, made on the first run
@@ -304,6 +305,8 @@ class Supervisor:
         for vm in self.stack.vms:
             if cache is not None:
                 roots.install_caps(cache, self.paths.vm(vm.name))
+        from vmrun import domain  # (lxml) imported here, after the zygote started (see run)
+
         xml = {vm.name: domain.to_string(domain.build(
             vm, self.accel, self.paths.vm(vm.name).console_socket, attachments[vm.name],
             uefi=self.uefi.get(vm.name), nvram=self.paths.vm(vm.name).nvram,

@@ -118,3 +118,6 @@ cdef extern from "Python.h":
     void PyOS_BeforeFork()
     void PyOS_AfterFork_Parent()
     void PyOS_AfterFork_Child()
+
+cdef extern from "<malloc.h>" nogil:
+    int malloc_trim(size_t pad)

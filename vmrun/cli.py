@@ -2,124 +2,49 @@
 
 from __future__ import annotations
 
-import argparse
-import json
+import gc
 import os
-import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from types import SimpleNamespace
 
-from vmrun import __version__
 from vmrun.errors import EXIT_USAGE, UsageError, VmrunError
-from vmrun.layout import MANIFEST_NAMES
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from vmrun import manifest
+    import argparse
+    from typing import Any, TextIO
 
-SSH_WAIT = 180.0  # seconds `vmrun ssh`, `exec` and `cp` wait for a guest's host keys
+    from vmrun import manifest
+    from vmrun.identity import Identity
 
 # Each verb imports what it needs when it runs: `vmrun --help` and the light verbs
-# start without loading lxml, the manifest parser or the supervisor.
+# start without loading lxml, the manifest parser or the supervisor, and `--help`,
+# `ps` and `check` have a start-up budget of 60 ms (docs/performance.md; the imports
+# each loads are pinned by tests/test_cli_imports.py).  Not even argparse (the command
+# line's grammar is vmrun/cliparse.py), json, typing or dataclasses are imported here.
+
+# The quick verbs, over in tens of milliseconds, and the values argparse gives their
+# options when none is given.  Their plain forms, `vmrun check [FILE]` and `vmrun ps
+# [FILE]`, are read without importing argparse and building a parser: 5 ms of their start
+# (tests/test_cli_imports.py checks that argparse agrees).  Run as the program (main()
+# given no argv), they do without the cycle collector: its passes over every module they
+# import, and its last one at exit, cost them 4-6 ms, and nothing they make needs to be
+# collected before they end.
+QUICK: dict[str, dict[str, Any]] = {"check": {}, "ps": {"state_dir": None, "json": False}}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # argparse's exit status 2 matches ours
-        self.print_usage(sys.stderr)
-        print(f"vmrun: error: {message}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str], argparse.ArgumentParser | None]:
+    """What cliparse.build_parser().parse_known_args(argv) returns, and the parser if one
+    was built."""
+    if argv and argv[0] in QUICK and len(argv) <= 2 and \
+            not any(word.startswith("-") for word in argv[1:]):
+        plain = SimpleNamespace(file=argv[1] if len(argv) == 2 else None, **QUICK[argv[0]],
+                                command=argv[0])
+        return plain, [], None  # type: ignore[return-value]  # read like argparse's
+    from vmrun import cliparse
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="vmrun", description="Run a stack of QEMU guests from a TOML file.")
-    parser.add_argument("--version", action="version", version=f"vmrun {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    file_help = f"the stack's manifest (default: {' or '.join(MANIFEST_NAMES)} here)"
-    check = sub.add_parser("check", help="validate a manifest (exit 0 or 2)")
-    check.add_argument("file", nargs="?", help=file_help)
-
-    render = sub.add_parser("render", help="print the domain XML vmrun would start")
-    render.add_argument("words", nargs="*", metavar="[FILE] [VM]",
-                        help=file_help + "; then only this VM")
-
-    pull = sub.add_parser("pull", help="fetch and verify every image of a stack ahead of time")
-    pull.add_argument("file", nargs="?", help=file_help)
-
-    up = sub.add_parser("up", help="start every VM, stream consoles, wait until all stopped")
-    up.add_argument("file", nargs="?", help=file_help)
-    up.add_argument("--state-dir", metavar="DIR",
-                    help="keep state in DIR/<name>/ instead of the manifest's state_dir")
-    up.add_argument("-q", "--quiet", action="store_true",
-                    help="do not stream consoles; print only the summary")
-    up.add_argument("--progress", choices=("auto", "tty", "plain"), default="auto",
-                    help="live status table on a terminal (auto: unless NO_COLOR is set "
-                         "or stdout is not a terminal), or plain prefixed lines")
-    up.add_argument("--fresh", action="store_true",
-                    help="start every disk overlay and blank disk anew")
-    up.add_argument("-d", "--detach", action="store_true",
-                    help="run in the background; return once every VM is running")
-    up.add_argument("--wait", action="store_true",
-                    help="with --detach: return once every VM is ready (see `ready`)")
-
-    def stack_verb(name: str, help: str, vms: str = "") -> argparse.ArgumentParser:
-        verb: argparse.ArgumentParser = sub.add_parser(name, help=help)
-        if vms:
-            verb.add_argument("words", nargs=vms, metavar="[FILE] VM",
-                              help=file_help + "; then the VM name(s)")
-        else:
-            verb.add_argument("file", nargs="?", help=file_help)
-        verb.add_argument("--state-dir", metavar="DIR",
-                          help="the state directory the stack was started with")
-        return verb
-
-    ps = stack_verb("ps", "show the state of each VM (exit 0 if the stack runs)")
-    ps.add_argument("--json", action="store_true", help="print JSON")
-
-    down = stack_verb("down", "stop a running stack, or clean up after a crashed one")
-    down.add_argument("--timeout", type=float, metavar="S",
-                      help="seconds each guest gets to shut down (default: stop_timeout)")
-
-    logs = stack_verb("logs", "print the VMs' console output", vms="*")
-    logs.add_argument("-f", "--follow", action="store_true",
-                      help="keep printing new output until the stack stops")
-    logs.add_argument("--tail", type=int, metavar="N", help="only the last N lines of each VM")
-
-    stack_verb("console", "attach to a running VM's serial console (Ctrl-] leaves)", vms="+")
-
-    stack_verb("clean", "remove the stack's state (refused while it runs)")
-
-    wait_help = (f"seconds to wait for the VM's SSH host keys, which cloud-init prints late "
-                 f"in the guest's first boot (default {SSH_WAIT:g})")
-    ssh = stack_verb("ssh", "log in to a VM, or run one command there: ssh [FILE] VM "
-                     "[-- CMD...] (its exit status is passed through)", vms="*")
-    ssh.add_argument("--config", action="store_true",
-                     help="print an ssh_config snippet (Host VM.STACK) for plain ssh, scp, "
-                          "rsync, Ansible, VS Code")
-    ssh.add_argument("--wait", type=float, default=SSH_WAIT, metavar="S", help=wait_help)
-    run = stack_verb("exec", "run a command in a VM without a terminal, for scripts: exec "
-                     "[FILE] VM -- CMD... (stdout, stderr and exit status passed through)",
-                     vms="+")
-    run.add_argument("--wait", type=float, default=SSH_WAIT, metavar="S", help=wait_help)
-    # a driver's `ready = { ssh = … }` check: from inside the stack's namespaces, where the
-    # supervisor is not to be seen (and runs, since the driver does)
-    run.add_argument("--from-driver", action="store_true", help=argparse.SUPPRESS)
-    cp = sub.add_parser("cp", help="copy files between the host and a VM: cp [FILE] SRC DEST, "
-                                   "VM:PATH on one side")
-    cp.add_argument("cp_words", nargs="+", metavar="[FILE] SRC DEST",
-                    help=file_help + "; then SRC and DEST, one of them VM:PATH")
-    cp.add_argument("-r", "--recursive", action="store_true", help="copy directories")
-    cp.add_argument("--state-dir", metavar="DIR",
-                    help="the state directory the stack was started with")
-    cp.add_argument("--wait", type=float, default=SSH_WAIT, metavar="S", help=wait_help)
-
-    doctor_parser = sub.add_parser("doctor", help="check that this host can run guests")
-    doctor_parser.add_argument("--json", action="store_true", help="print JSON")
-    doctor_parser.add_argument("--state-dir", metavar="DIR",
-                               help="check this state directory (default: ./.vmrun)")
-
-    sub.add_parser("schema", help="print the manifest's JSON Schema")
-    return parser
+    return cliparse.parse(argv)
 
 
 def _is_file_word(word: str) -> bool:
@@ -130,32 +55,35 @@ def _is_file_word(word: str) -> bool:
 def resolve_file(args: argparse.Namespace) -> None:
     """Fill args.file (and args.vms) from the positional words; default to the manifest
     in the current directory, and say which one it is."""
-    from vmrun import manifest
+    from vmrun.identity import find_manifest
 
     words = list(getattr(args, "words", None) or [])
     if hasattr(args, "words"):
         args.file = words.pop(0) if words and _is_file_word(words[0]) else None
         args.vms = words
     if args.file is None:
-        args.file = os.path.relpath(manifest.find_manifest(Path.cwd()))
+        args.file = os.path.relpath(find_manifest(Path.cwd()))
         print(f"vmrun: using {args.file}", file=sys.stderr)
 
 
 def load(args: argparse.Namespace) -> manifest.Stack:
     """The manifest, checked as far as it can be before anything starts."""
-    from vmrun import domain, manifest
+    from vmrun import manifest
 
     stack = manifest.load(args.file, state_dir=getattr(args, "state_dir", None))
-    domain.validate(stack)
+    if any(vm.xml_devices for vm in stack.vms):  # else domain.validate has nothing to do
+        from vmrun import domain  # lxml
+
+        domain.validate(stack)
     return stack
 
 
-def identity(args: argparse.Namespace) -> manifest.Identity:
+def identity(args: argparse.Namespace) -> Identity:
     """What ps, down, logs, console and clean need: works on a manifest that no longer
-    validates."""
-    from vmrun import manifest
+    validates (vmrun/identity.py, without the manifest parser when it can)."""
+    from vmrun.identity import load_identity
 
-    return manifest.load_identity(args.file, state_dir=args.state_dir)
+    return load_identity(args.file, state_dir=args.state_dir)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -274,6 +202,8 @@ def cmd_ps(args: argparse.Namespace) -> int:
     stack = identity(args)
     state = operate.status(stack)
     if args.json:
+        import json
+
         data: dict[str, Any] = {"stack": stack.name, "running": state is not None}
         if state is not None:
             data.update(state.to_dict())
@@ -393,7 +323,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     return _exec_ssh(args, stack, args.vms[0], args.remote_command, batch=True)
 
 
-def _exec_ssh(args: argparse.Namespace, stack: manifest.Identity, vm: str,
+def _exec_ssh(args: argparse.Namespace, stack: Identity, vm: str,
               command: list[str], batch: bool) -> int:
     """Become ssh (its exit status is ours: 255 when it cannot connect)."""
     from vmrun import access, operate
@@ -462,6 +392,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     checks = doctor.run_checks(Path(args.state_dir) if args.state_dir else None)
     if args.json:
+        import json
+
         print(json.dumps(doctor.report_json(checks), indent=2))
     else:
         sys.stdout.write(doctor.format_table(checks))
@@ -483,6 +415,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    program = argv is None  # the process is ours: `vmrun` or `python -m vmrun`
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_proxy"]:  # hidden: ssh's ProxyCommand, kept short
         return proxy_main(argv[1:])
@@ -490,14 +423,29 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] in (["ssh"], ["exec"]) and "--" in argv:  # the guest's command
         cut = argv.index("--")
         argv, remote_command = argv[:cut], argv[cut + 1:]
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra, parser = parse(argv)
     args.remote_command = remote_command
     # `vmrun logs FILE --tail 5 web`: VM names after an option end up here
     if extra and args.command == "logs" and not any(e.startswith("-") for e in extra):
         args.words += extra
     elif extra:
+        if parser is None:
+            from vmrun.cliparse import build_parser
+
+            parser = build_parser()
         parser.error("unrecognized arguments: " + " ".join(extra))
+    quick = program and args.command in QUICK
+    if quick:
+        gc.disable()  # see QUICK
+    try:
+        return dispatch(args)
+    finally:
+        if quick:
+            gc.freeze()  # for the collection at exit: nothing left to look at
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Run the verb; print its error and return its exit status."""
     try:
         if hasattr(args, "file") or hasattr(args, "words"):
             resolve_file(args)
@@ -510,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except KeyboardInterrupt:  # before any VM was started, or in ps/logs/down
+        import signal
+
         print("vmrun: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
 

@@ -13,12 +13,15 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import socket
-from typing import Any
 
 from vmrun import procs
 from vmrun.errors import HostError
 from vmrun.layout import StackPaths, remove, short_socket_path
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import socket
+    from typing import Any
 
 
 class NotRunning(Exception):
@@ -63,6 +66,8 @@ def connect(paths: StackPaths, timeout: float | None = 10.0) -> socket.socket:
     if lock_holder(paths) is None:
         remove_stale_socket(paths)
         raise NotRunning
+    import socket  # not for `vmrun ps` of a stack that is not running
+
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.settimeout(timeout)
     try:
@@ -89,6 +94,12 @@ def request(paths: StackPaths, message: dict[str, Any],
             timeout: float | None = 10.0) -> tuple[dict[str, Any], socket.socket]:
     """Send one request, return the first reply and the socket (for more replies/EOF)."""
     sock = connect(paths, timeout)
+    return exchange(paths, sock, message), sock
+
+
+def exchange(paths: StackPaths, sock: socket.socket, message: dict[str, Any]) -> dict[str, Any]:
+    """Send one request on a connected socket and return the first reply (closing the
+    socket on failure)."""
     try:
         sock.sendall((json.dumps(message) + "\n").encode())
         line = sock.makefile("rb").readline()
@@ -99,7 +110,7 @@ def request(paths: StackPaths, message: dict[str, Any],
     if not line:
         sock.close()
         raise NotRunning
-    return reply, sock
+    return reply
 
 
 def wait_closed(sock: socket.socket, timeout: float | None) -> bool:

@@ -7,15 +7,12 @@ disks, cloud_init) are in vmrun/fileconvert.py.
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vmrun import network
 from vmrun.limits import (
     ACCELS,
     DEPENDENCY_CONDITIONS,
@@ -29,7 +26,15 @@ from vmrun.limits import (
     NAME_RE,
     STACK_NAME_MAX,
 )
-from vmrun.watch import MAX_PATTERN_PROGRAM, PatternError, compile_pattern
+from vmrun.record import Record
+from vmrun.xmltext import xml_unsafe as xml_unsafe
+
+if TYPE_CHECKING:
+    from vmrun import network
+    from vmrun.watch import PatternError
+
+# Imported where used, not here: difflib, vmrun.network, and vmrun.watch (with RE2 and
+# vmrun.protocol), which a manifest without patterns or forwards never needs.
 
 
 class Invalid(Exception):
@@ -44,18 +49,22 @@ class Invalid(Exception):
         self.where = where  # the part of the value at fault, e.g. "[2].image"
 
 
-@dataclass(frozen=True)
-class Context:
+class Context(Record):  # a frozen value class (vmrun/record.py)
     """What converters need to know besides the value."""
 
     base_dir: Path
     host_memory_mib: int
+
+    def __init__(self, base_dir: Path, host_memory_mib: int) -> None:
+        self._set(base_dir=base_dir, host_memory_mib=host_memory_mib)
 
 
 Converter = Callable[[Any, Context], Any]
 
 
 def did_you_mean(key: str, known: list[str]) -> str | None:
+    import difflib
+
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     return f'did you mean "{close[0]}"?' if close else None
 
@@ -174,18 +183,6 @@ def resolve(path: Path) -> Path:
         raise Invalid(f"a usable path ({exc})") from None
 
 
-# XML 1.0 characters: tab, newline, carriage return, and the rest of Unicode except the
-# C0 controls, lone surrogates (undecodable bytes of a file name or of the environment),
-# U+FFFE and U+FFFF.  lxml refuses any other character in text or attributes.
-_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
-
-
-def xml_unsafe(text: str) -> str | None:
-    """The first character of `text` that XML 1.0 cannot hold, or None."""
-    match = _NOT_XML.search(text)
-    return match.group() if match else None
-
-
 XML_TEXT = ("text libvirt's XML can hold: valid UTF-8, and no control characters other than "
             "tab, newline and carriage return")
 
@@ -228,6 +225,8 @@ def _pattern_hint(pattern: str, exc: PatternError) -> str:
 def regex(value: Any, ctx: Context) -> str:
     """A pattern for console lines: it must compile with RE2, as the driver matches it
     (vmrun/watch.py), within the size that keeps a match cheap."""
+    from vmrun.watch import MAX_PATTERN_PROGRAM, PatternError, compile_pattern
+
     if not isinstance(value, str) or not value:
         raise Invalid(f"a non-empty regular expression in {RE2_SYNTAX}")
     try:
@@ -305,6 +304,8 @@ def network_names(value: Any, ctx: Context) -> tuple[str, ...]:
 
 
 def forwards(value: Any, ctx: Context) -> tuple[network.Forward, ...]:
+    from vmrun import network
+
     expected = 'an array like ["8080:80", "127.0.0.1:2222:22"]'
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise Invalid(expected)

@@ -8,9 +8,13 @@ found, and how to fix it where a hint helps.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass
-from pathlib import Path
+
+from vmrun.record import Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from pathlib import Path
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -20,9 +24,9 @@ EXIT_HOST = 3
 
 # What a terminal could take for a command, or that would break a message's line: C0 and
 # C1 controls (ESC, CSI), DEL, lone surrogates, line and paragraph separators, bidi controls.
-_UNPRINTABLE = re.compile(
-    "[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff"
-    "\ufeff\ufffe\uffff]")
+# Compiled (and cached by `re`) when a message is first made, not at every start.
+_UNPRINTABLE = ("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff"
+                "\ufeff\ufffe\uffff]")
 _SHORT = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
 
 
@@ -39,20 +43,25 @@ def printable(text: str, keep: str = "") -> str:
         code = ord(char)
         return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
-    return _UNPRINTABLE.sub(escape, text)
+    return re.sub(_UNPRINTABLE, escape, text)
 
 
-@dataclass
-class Problem:
+class Problem(Record, frozen=False):
     """One thing wrong with a manifest, located as precisely as is known."""
 
     message: str
-    file: Path | None = None
-    line: int | None = None
-    key: str | None = None
-    expected: str | None = None
-    found: str | None = None
-    hint: str | None = None
+    file: Path | None
+    line: int | None
+    key: str | None
+    expected: str | None
+    found: str | None
+    hint: str | None
+
+    def __init__(self, message: str, file: Path | None = None, line: int | None = None,
+                 key: str | None = None, expected: str | None = None,
+                 found: str | None = None, hint: str | None = None) -> None:
+        self._set(message=message, file=file, line=line, key=key, expected=expected,
+                  found=found, hint=hint)
 
     def __str__(self) -> str:
         """One line (and a hint line): every part may echo input, so each is escaped."""

@@ -34,6 +34,7 @@ from vmrun.limits import (
     MIN_DISK_MIB,
     URL_SCHEMES,
 )
+from vmrun.record import Record
 from vmrun.sourcefile import Unreadable, open_regular
 
 
@@ -254,13 +255,16 @@ def disks(value: Any, ctx: Context) -> tuple[Disk, ...]:
     return tuple(disks)
 
 
-@dataclass(frozen=True)
-class CloudInit:
+class CloudInit(Record):  # a frozen value class (vmrun/record.py)
     """The files of a NoCloud seed (meta-data is generated when not given)."""
 
     user_data: Path
     meta_data: Path | None
     network_config: Path | None
+
+    def __init__(self, user_data: Path, meta_data: Path | None,
+                 network_config: Path | None) -> None:
+        self._set(user_data=user_data, meta_data=meta_data, network_config=network_config)
 
 
 def cloud_init(value: Any, ctx: Context) -> CloudInit:
@@ -280,14 +284,16 @@ def cloud_init(value: Any, ctx: Context) -> CloudInit:
     )
 
 
-@dataclass(frozen=True)
-class Share:
+class Share(Record):  # a frozen value class (vmrun/record.py)
     """One entry of `shares`: a host directory the guest mounts (virtiofs) by its tag."""
 
     host: Path  # resolved, an existing directory
     guest: str  # absolute path in the guest
     readonly: bool
     tag: str  # the virtiofs tag: share<N>, N its index in `shares`
+
+    def __init__(self, host: Path, guest: str, readonly: bool, tag: str) -> None:
+        self._set(host=host, guest=guest, readonly=readonly, tag=tag)
 
 
 _SHARE_KEYS = ["host", "guest", "readonly"]

@@ -48,15 +48,16 @@ Runtime names outside the state directory: the stack's network namespace
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-import shutil
 import stat
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from vmrun.errors import HostError
+from vmrun.record import Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 # Room left under the root: "/lib/qemu/domain-NNNN-<20 chars>/monitor.sock" and more.
 ROOT_PATH_MAX = 48
@@ -97,6 +98,8 @@ def remove(path: Path) -> None:
     except (FileNotFoundError, NotADirectoryError):
         pass
     except IsADirectoryError:
+        import shutil
+
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -136,7 +139,7 @@ def caps_cache_base() -> Path:
 
 def netns_name(stack_dir: Path) -> str:
     """The stack's network namespace: unique per state directory."""
-    return "vmrun-" + hashlib.sha256(str(stack_dir).encode()).hexdigest()[:12]
+    return "vmrun-" + _digest(str(stack_dir), 12)
 
 
 def ssh_alias(stack: str, vm: str) -> str:
@@ -155,12 +158,21 @@ def tap_name(mac: str) -> str:
     return "vt" + mac.replace(":", "")[6:]
 
 
-@dataclass(frozen=True)
-class VMPaths:
+def _digest(text: str, length: int) -> str:
+    """The first `length` hex digits of the SHA-256 of `text`."""
+    import hashlib  # not for `vmrun --help`
+
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+class VMPaths(Record):  # a frozen value class (vmrun/record.py)
     name: str
     dir: Path
     root_link: Path  # <dir>/root: the root itself, or a link to it
     root: Path  # the path libvirt is given (short)
+
+    def __init__(self, name: str, dir: Path, root_link: Path, root: Path) -> None:
+        self._set(name=name, dir=dir, root_link=root_link, root=root)
 
     @property
     def console_log(self) -> Path:
@@ -184,7 +196,7 @@ class VMPaths:
     @property
     def nat_socket(self) -> Path:
         """passt's socket for the VM's NAT NIC, in a directory of its own (see nat.py)."""
-        digest = hashlib.sha256(str(self.root).encode()).hexdigest()[:16]
+        digest = _digest(str(self.root), 16)
         return nat_socket_base() / digest / "passt.sock"
 
     @property
@@ -231,9 +243,11 @@ class VMPaths:
         return self.root / OWNER_FILE
 
 
-@dataclass(frozen=True)
-class StackPaths:
+class StackPaths(Record):  # a frozen value class (vmrun/record.py)
     dir: Path
+
+    def __init__(self, dir: Path) -> None:
+        self._set(dir=dir)
 
     @property
     def marker(self) -> Path:
@@ -242,7 +256,7 @@ class StackPaths:
     @property
     def runtime(self) -> Path:
         """The running stack's own directory outside the state directory."""
-        digest = hashlib.sha256(str(self.dir).encode()).hexdigest()[:16]
+        digest = _digest(str(self.dir), 16)
         return short_root_base() / "stacks" / digest
 
     @property
@@ -311,7 +325,7 @@ class StackPaths:
         if len(str(link)) <= ROOT_PATH_MAX:
             root = link
         else:
-            digest = hashlib.sha256(str(link).encode()).hexdigest()[:16]
+            digest = _digest(str(link), 16)
             root = short_root_base() / digest
         return VMPaths(name=name, dir=vm_dir, root_link=link, root=root)
 

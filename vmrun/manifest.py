@@ -10,7 +10,8 @@ value still takes part in the checks across VMs that do not depend on that value
 
 `load_identity` reads only what names a stack and its state (name, state_dir, the VMs'
 names), with the same helpers (vmrun/naming.py), for verbs that must work on a manifest
-that no longer validates.
+that no longer validates.  The CLI asks vmrun/identity.py, which answers for a plain
+manifest without importing this module and leaves everything else to `loads_identity`.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # The names of __all__ imported here are re-exported: the rest of vmrun reads them from here.
-from vmrun import bootcheck, naming, network, stackcheck
+from vmrun import bootcheck, naming, stackcheck
 from vmrun.collect import (
     BAD,
     MAX_PROBLEMS,
@@ -40,8 +41,9 @@ from vmrun.convert import (
     resolve,
     xml_unsafe,
 )
-from vmrun.errors import ManifestError, Problem, UsageError
+from vmrun.errors import ManifestError, Problem
 from vmrun.fileconvert import CloudInit, Disk, Share, image_format
+from vmrun.identity import Identity, find_manifest
 from vmrun.layout import MANIFEST_NAMES as _MANIFEST_NAMES
 from vmrun.layout import StackPaths
 from vmrun.limits import (
@@ -58,17 +60,23 @@ from vmrun.limits import (
     STACK_NAME_MAX,
     VM_NAME_MAX,
 )
-from vmrun.readiness import Ready
 from vmrun.settings import STACK_SETTINGS, STACK_TABLES, VM_SETTINGS, Setting, json_pattern
 from vmrun.sourcefile import MANIFEST_MAX, read_manifest
 from vmrun.stackcheck import UnknownPlaceholder, fill_placeholders, placeholder_values
 from vmrun.tomlkeys import MAX_NESTING, line_of, locate_keys, parse_toml
+
+if TYPE_CHECKING:  # imported where needed (vmrun.readiness imports vmrun.protocol)
+    from vmrun import network
+    from vmrun.readiness import Ready
 
 MANIFEST_NAMES = _MANIFEST_NAMES  # what find_manifest looks for (defined in layout)
 
 
 @dataclass(frozen=True)
 class VM:
+    """One VM of the stack (each copy of a table with `count` is one), its settings
+    converted."""
+
     name: str
     boot: str  # "kernel" | "bios" | "uefi"
     kernel: Path | None  # with boot = "kernel" (and only then)
@@ -103,6 +111,8 @@ class VM:
 
 @dataclass(frozen=True)
 class Stack:
+    """A manifest, parsed and checked."""
+
     path: Path
     name: str
     accel: str
@@ -131,20 +141,6 @@ class Stack:
         raise KeyError(name)
 
 
-@dataclass(frozen=True)
-class Identity:
-    """What names a stack and where its state is: enough to find and stop what runs."""
-
-    path: Path  # resolved
-    name: str
-    state_dir: Path  # the stack's own directory: <state_dir>/<name>, as Stack.state_dir
-    vm_names: tuple[str, ...]  # with the copies of `count`: NAME-1 ... NAME-N
-
-    @property
-    def paths(self) -> StackPaths:
-        return StackPaths(self.state_dir)
-
-
 def _base_dir(path: Path) -> tuple[Path, Path]:
     """The manifest's resolved path and directory; ManifestError when vmrun cannot use them."""
     try:
@@ -157,15 +153,6 @@ def _base_dir(path: Path) -> tuple[Path, Path]:
             "the manifest's directory is not a UTF-8 path without control characters; "
             "vmrun keeps paths in libvirt's XML, which needs them", file=path)])
     return resolved, resolved.parent
-
-
-def find_manifest(cwd: Path) -> Path:
-    """`stack.toml`, else `vmrun.toml` in `cwd`; UsageError when neither is there."""
-    for name in MANIFEST_NAMES:
-        if (cwd / name).exists():
-            return cwd / name
-    raise UsageError(f"no {' or '.join(MANIFEST_NAMES)} in {cwd}",
-                     hint="give the manifest's path, e.g. vmrun up path/to/stack.toml")
 
 
 # --- parsing -----------------------------------------------------------------------------

@@ -10,17 +10,25 @@ nothing runs.  Nothing here prints: the CLI does.
 from __future__ import annotations
 
 import json
-import shutil
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from vmrun import cgroups, client, lock, netns, procs
-from vmrun import protocol as p
+from vmrun import client
 from vmrun.errors import HostError, UsageError
-from vmrun.manifest import MAX_SECONDS, Identity
+from vmrun.limits import MAX_SECONDS
+from vmrun.record import Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+    from typing import Any
+
+    from vmrun import protocol as p
+    from vmrun.identity import Identity
+
+# `vmrun ps` of a stack that is not running imports none of vmrun.protocol (whose many
+# dataclasses cost milliseconds), dataclasses, the manifest parser (vmrun.netns imports
+# it) or socket: what only a running stack, `down` or `clean` needs is imported there.
 
 # How long `down` waits beyond its timeout for the supervisor to finish.
 DOWN_GRACE = 20.0
@@ -30,7 +38,13 @@ def status(stack: Identity) -> p.StackStatus | None:
     """The running stack's state from its supervisor, or None when it is not running."""
     paths = stack.paths
     try:
-        reply, sock = client.request(paths, p.PsRequest().to_dict())
+        sock = client.connect(paths)
+    except client.NotRunning:
+        return None
+    from vmrun import protocol as p
+
+    try:
+        reply = client.exchange(paths, sock, p.PsRequest().to_dict())
     except client.NotRunning:
         return None
     sock.close()
@@ -48,15 +62,21 @@ def last_run(stack: Identity) -> dict[str, Any] | None:
     return data
 
 
-@dataclass(frozen=True)
-class DownResult:
+class DownResult(Record):  # a frozen value class (vmrun/record.py)
     was_running: bool
     supervisor_pid: int | None
     killed: tuple[int, ...]  # leftover processes of a crashed run that were killed
 
+    def __init__(self, was_running: bool, supervisor_pid: int | None,
+                 killed: tuple[int, ...]) -> None:
+        self._set(was_running=was_running, supervisor_pid=supervisor_pid, killed=killed)
+
 
 def down(stack: Identity, timeout: float | None) -> DownResult:
     """Stop a running stack gracefully and wait until it is gone; else clean up leftovers."""
+    from vmrun import cgroups, lock, netns, procs
+    from vmrun import protocol as p
+
     if timeout is not None and not (0 <= timeout <= MAX_SECONDS):
         raise UsageError(f"--timeout takes a number of seconds from 0 to {MAX_SECONDS}, "
                          f"not {timeout}")
@@ -88,6 +108,10 @@ def down(stack: Identity, timeout: float | None) -> DownResult:
 
 def clean(stack: Identity) -> list[Path]:
     """Remove the stack's whole state; refused while it runs.  Returns what was removed."""
+    import shutil
+
+    from vmrun import cgroups, lock, netns, procs
+
     paths = stack.paths
     if not paths.is_ours():
         raise lock.not_ours(paths)

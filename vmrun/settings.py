@@ -10,11 +10,10 @@ check in vmrun/limits.py.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from vmrun import convert, fileconvert, readiness
+from vmrun import convert, fileconvert
 from vmrun.convert import SIZE_JSON_PATTERN, Converter
 from vmrun.limits import (
     ACCELS,
@@ -43,22 +42,43 @@ from vmrun.limits import (
 from vmrun.sourcefile import Unreadable, read_regular
 
 
-@dataclass(frozen=True)
 class Setting:
     """One manifest key: its converter, default and documentation.
 
     `schema` is the JSON Schema of the value (type, pattern, enum, bounds) as far as JSON
     Schema can say what `convert` accepts; vmrun/schema.py adds the description and the
     default and builds the manifest's schema from these tables.
+
+    `doc` and `schema` may be given as functions that return them, called when first read:
+    the `ready` setting's come from vmrun.readiness, which imports vmrun.protocol, and only
+    a manifest with `ready` (or the docs and the schema) needs that module.
     """
 
-    key: str
-    type: str  # shown in docs and errors
-    default: Any
-    convert: Converter
-    doc: str
-    required: bool = False
-    schema: Mapping[str, Any] = field(kw_only=True, hash=False)
+    def __init__(self, key: str, type: str, default: Any, convert: Converter,
+                 doc: str | Callable[[], str], required: bool = False, *,
+                 schema: Mapping[str, Any] | Callable[[], Mapping[str, Any]]) -> None:
+        self.key = key
+        self.type = type  # shown in docs and errors
+        self.default = default
+        self.convert = convert
+        self.required = required
+        self._doc = doc
+        self._schema = schema
+
+    @property
+    def doc(self) -> str:
+        if callable(self._doc):
+            self._doc = self._doc()
+        return self._doc
+
+    @property
+    def schema(self) -> Mapping[str, Any]:
+        if callable(self._schema):
+            self._schema = self._schema()
+        return self._schema
+
+    def __repr__(self) -> str:
+        return f"Setting({self.key!r})"
 
 
 # --- JSON Schema of the values (see vmrun/schema.py) ------------------------------------
@@ -78,6 +98,28 @@ _REGEX_SCHEMA = {"type": "string", "minLength": 1}
 _INTERPOLATED = {"type": "string", "pattern": r"\$\{"}
 _SIZE_SCHEMA = {"anyOf": [{"type": "integer", "minimum": MIN_MEMORY_MIB},
                           {"type": "string", "pattern": SIZE_JSON_PATTERN}, _INTERPOLATED]}
+
+
+# The `ready` setting is vmrun.readiness's (its converter, doc and schema), imported on
+# first use: see Setting.
+
+
+def _ready(value: Any, ctx: convert.Context) -> Any:
+    from vmrun import readiness
+
+    return readiness.convert(value, ctx)
+
+
+def _ready_doc() -> str:
+    from vmrun import readiness
+
+    return readiness.DOC
+
+
+def _ready_schema() -> Mapping[str, Any]:
+    from vmrun import readiness
+
+    return readiness.SCHEMA
 
 
 _SSH_USER_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}\Z")
@@ -144,8 +186,7 @@ VM_SETTINGS: tuple[Setting, ...] = (
     Setting("failure", "regex", None, convert.regex,
             "A console line matching this regular expression (RE2 syntax) makes the "
             "guest failed at once (it is destroyed).", schema=_REGEX_SCHEMA),
-    Setting("ready", "regex or table", None, readiness.convert, readiness.DOC,
-            schema=readiness.SCHEMA),
+    Setting("ready", "regex or table", None, _ready, _ready_doc, schema=_ready_schema),
     Setting("ready_timeout", "number", 120.0, convert.seconds,
             "Seconds after the start a VM with `ready` may take to become ready; after "
             "that it is destroyed and counts as failed (reason: not ready).",

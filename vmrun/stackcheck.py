@@ -13,13 +13,16 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from vmrun import nat, network
 from vmrun.collect import Collector
 from vmrun.convert import Invalid, describe, did_you_mean
 from vmrun.limits import MAX_NETWORKS, NAME_RE, NETWORK_NAME_MAX
 
 if TYPE_CHECKING:  # vmrun.manifest imports this module
+    from vmrun import network
     from vmrun.manifest import VM
+
+# vmrun.network (with hashlib and its dataclasses) is imported by the checks below when a
+# stack has networks: `vmrun check` of a stack without any starts sooner.
 
 
 _PLACEHOLDER_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
@@ -85,6 +88,10 @@ def parse_networks(col: Collector, tables: Any) -> tuple[dict[str, network.Netwo
         col.add(("network",), "invalid value", expected="tables [network.NAME]",
                 found=describe(tables))
         return {}, set()
+    if not tables:  # as below, without importing vmrun.network
+        return {}, set()
+    from vmrun import network
+
     subnets: dict[str, Any] = {}
     for number, (name, table) in enumerate(tables.items()):
         where = ("network", name)
@@ -170,8 +177,12 @@ def attach_networks(col: Collector, vms: list[VM], networks: dict[str, network.N
                         hint="copies (count) cannot share a host port: forward from a VM "
                              "without count" if copies else None)
             ports.setdefault(key, vm.name)
+    addresses: dict[tuple[str, str], network.Address] = {}
     try:
-        addresses = network.assign(stack_name, networks, members)
+        if members:  # else no VM has a network
+            from vmrun import network
+
+            addresses = network.assign(stack_name, networks, members)
     except ValueError as exc:
         col.add(("network",), str(exc), hint="use a larger subnet")
         networks.clear()  # no addresses: placeholders that need them are not checked
@@ -218,6 +229,8 @@ def placeholder_values(vm: VM, stack_name: str,
         if networks and address.network in networks:
             values[prefix + "gateway"] = str(networks[address.network].gateway)
     if vm.nat:
+        from vmrun import nat  # with subprocess and more: only for a VM with NAT
+
         values |= nat.placeholder_values(stack_name, vm.name)
     return values
 

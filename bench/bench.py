@@ -8,7 +8,8 @@ Parts (`--only`, comma-separated; all by default), medians over `--runs` runs:
             libvirt probed QEMU's capabilities in those warm runs (goal: never)
   poweroff  guest's "reboot: Power down" line -> `vmrun up` exit; goal <= 0.1 s
   scale     1, 4 and 8 VMs at once (warm): time until every VM's first console line, and
-            wall time; goal: 8 VMs <= 1.5 x 1 VM to all running
+            wall time; goal: 8 VMs <= 1.5 x 1 VM to all running; and 8 plain QEMUs started
+            at once, for the same measure without vmrun
   memory    8-VM stack while the guests sleep: PSS (smaps_rollup) of the supervisor, the
             drivers, their zygote, the PID namespace's init and the forwarder, QEMU excluded; goal
             <= 12 MiB per VM
@@ -26,6 +27,7 @@ Prints a Markdown report; `--json PATH` keeps every raw value for `bench/compare
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -60,7 +62,8 @@ ORDER = ("single.ratio", "single.qemu", "single.vmrun", "single.probed", "single
          "single.qemu_first", "single.vmrun_first", "single.ratio_bench", "single.qemu_bench",
          "single.vmrun_bench", "poweroff.exit", "scale.ratio", "scale.running1",
          "scale.running4", "scale.running8", "scale.wall1", "scale.wall4", "scale.wall8",
-         "scale.vs_sequential", "memory.per_vm", "memory.total",
+         "scale.vs_qemu", "scale.qemu_running", "scale.vs_sequential", "memory.per_vm",
+         "memory.total",
          "cli.help", "cli.ps", "cli.check", "teardown.gone", "teardown.exit", "teardown.qemus",
          "teardown.left", "cold.cold_probes", "cold.warm_probes", "cold.probe_drivers",
          "cold.cold", "cold.warm")
@@ -314,6 +317,12 @@ def qemu() -> Output:
     return checked(run(argv), argv)
 
 
+def qemus_at_once(count: int) -> list[Output]:
+    """`count` plain QEMU runs of the test guest, started together (one thread each)."""
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        return list(pool.map(lambda _: qemu(), range(count)))
+
+
 def manifest(directory: Path, vms: int, sleep: float = 0) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     cmdline = CMDLINE + (f" guest.sleep={sleep:g}" if sleep else "")
@@ -431,8 +440,16 @@ class Bench:
                                  max(first.values()) - out.start)
                 self.measure(f"scale.wall{n}", f"{n}-VM stack, start to exit",
                              "s").raw.append(out.wall)
+            log(f"scale: run {i + 1} of {self.runs}, {max(SCALE)} plain QEMUs at once")
+            outs = qemus_at_once(max(SCALE))
+            start = min(out.start for out in outs)
+            self.measure("scale.qemu_running", f"{max(SCALE)} plain QEMUs started at once, "
+                         "until every guest runs (its first console byte)", "s").raw.append(
+                             max(out.first_byte or out.end for out in outs) - start)
         self.ratio("scale.ratio", "8 VMs / 1 VM, start until every VM runs", "scale.running8",
                    "scale.running1", ("<=", 1.5))
+        self.ratio("scale.vs_qemu", f"{max(SCALE)}-VM stack / {max(SCALE)} plain QEMUs at once, "
+                   "until every guest runs", f"scale.running{max(SCALE)}", "scale.qemu_running")
         self.qemu_median()
         self.ratio("scale.vs_sequential", "8-VM stack / 8 sequential plain QEMU runs "
                    "(estimated: 8 x plain QEMU's median)", "scale.wall8", "single.qemu",

@@ -201,7 +201,8 @@ class Supervisor:
 
     def probe(self, the_host: host.Host, paths: VMPaths) -> bool:
         """Run the capabilities probe driver on `paths` (see roots.ensure_caps)."""
-        self.listener("", p.Probing(), None)
+        if not any(paths.caps_dir.glob("*.xml")):  # not the check of an edited cache (roots)
+            self.listener("", p.Probing(), None)
         spec = p.ProbeSpec(root=str(paths.root), emulator=the_host.qemu,
                            virttype="kvm" if the_host.accel.name == "kvm" else "qemu",
                            supervisor_pid=self.children.parent_pid,

@@ -117,9 +117,10 @@ class Children:
         self.zygote = zygote.Zygote(pid, ours, str(log))
 
     def live_zygote(self) -> zygote.Zygote:
-        """The zygote; a new one if it is gone (killed, say)."""
-        if self.zygote is not None and self.zygote.pid in self.exits:
-            self.exits.pop(self.zygote.pid)
+        """The zygote; a new one if it is gone (killed, say: reaped, or a zombie still)."""
+        if self.zygote is not None and (self.zygote.pid in self.exits
+                                        or not procs.alive(self.zygote.pid)):
+            self.exits.pop(self.zygote.pid, None)
             self.zygote.close()
             self.zygote = None
         if self.zygote is None:

@@ -1,7 +1,8 @@
 """The driver: one process per VM, owning that VM's embedded libvirt QEMU driver.
 
-Run as ``python -m vmrun.proc.driver run DRIVERSPEC`` or ``... probe PROBESPEC`` by the
-supervisor (the specs: vmrun.protocol), never by users.  It
+Forked by the driver zygote (vmrun/proc/zygote.py), which calls `main()` as
+``python -m vmrun.proc.driver run DRIVERSPEC`` or ``... probe PROBESPEC`` would (the specs:
+vmrun.protocol); never run by users.  It
 
 * dies with its supervisor: PR_SET_PDEATHSIG delivers SIGUSR1, and the driver then kills
   its QEMU at once (libvirt daemonizes QEMU, so nothing else would) and exits; EOF on its
@@ -17,12 +18,14 @@ supervisor (the specs: vmrun.protocol), never by users.  It
 * runs the VM's readiness probe (`ready = { port = … }` or `{ ssh = … }`: a TCP connect or
   a command, vmrun/proc/probes.py) whenever its Watch asks, from this same loop.
 
-Import order matters: libvirt is imported in `main()` only after the namespace has been
-entered (libvirt may start threads as it loads, and a thread-ful process cannot setns
-into a network namespace for all its threads).  It never reaps with waitpid(-1): libvirt
-forks and reaps its own helpers in this process.  All waiting happens in one select()
-on a wake-up pipe that the signal handlers (signal.set_wakeup_fd), the console reader
-thread and libvirt's event thread write to.
+Order matters: the namespaces are entered in `main()` before any thread exists (a
+thread-ful process cannot setns into a network namespace for all its threads).  libvirt
+is already imported when the zygote forks a driver: importing it starts no thread; the
+first one is its event loop's, started when the root is opened.  It never reaps with
+waitpid(-1): libvirt forks and reaps its own helpers in this process.  All waiting happens
+in one select() on a wake-up pipe that the signal handlers (signal.set_wakeup_fd), the
+console reader thread and libvirt's event thread write to.  Once its guest runs, it gives
+the C heap's free memory back (`_fastsig.trim_heap`).
 """
 
 from __future__ import annotations

@@ -202,6 +202,22 @@ def stack_roots(manifest: Path, vms: list[str], name: str = "t") -> list[Path]:
     return [paths.vm(vm).root for vm in vms]
 
 
+def seen(up: Up, fragment: str, times: int = 1, timeout: float = 90) -> None:
+    """Wait until `fragment` has appeared in `times` output lines (Up.expect waits for a
+    first appearance only)."""
+    deadline = time.monotonic() + timeout
+    while sum(fragment in line for line in up.seen) < times:
+        try:
+            line = up.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"timed out waiting for {fragment!r} x{times}; "
+                                 f"saw {up.seen}") from None
+        if line is None:
+            raise AssertionError(f"vmrun up ended before {fragment!r} x{times}; "
+                                 f"saw {up.seen}")
+        up.seen.append(line)
+
+
 def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> float:
     """Poll a condition the kernel gives no event for; return the seconds it took."""
     start = time.monotonic()

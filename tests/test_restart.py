@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from conftest import (
     cmdline,
     driver_pid,
     last_run,
+    seen,
     stack_qemus,
     vmrun,
     wait_until,
@@ -29,22 +29,6 @@ from conftest import (
 )
 
 BLANK = [{"size": "16M"}]  # where guest.action=reboot-once remembers its first boot
-
-
-def seen(up: Up, fragment: str, times: int = 1, timeout: float = 90) -> None:
-    """Wait until `fragment` has appeared in `times` output lines (Up.expect waits for a
-    first appearance only)."""
-    deadline = time.monotonic() + timeout
-    while sum(fragment in line for line in up.seen) < times:
-        try:
-            line = up.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            raise AssertionError(f"timed out waiting for {fragment!r} x{times}; "
-                                 f"saw {up.seen}") from None
-        if line is None:
-            raise AssertionError(f"vmrun up ended before {fragment!r} x{times}; "
-                                 f"saw {up.seen}")
-        up.seen.append(line)
 
 
 def ps(manifest: Path) -> dict[str, Any]:

@@ -63,16 +63,18 @@ def test_supervisor_keeps_two_descriptors_per_driver_and_frees_them(tmp_path: Pa
     children = Children()
     paths = StackPaths(tmp_path / "s")
     children.start_zygote(paths.dir, [], tmp_path / "zygote.log")
-    before = open_fds()
-    spawned = [children.spawn_driver(f"vm{i}", "no-such-mode", "{}", paths.vm(f"vm{i}"),
-                                     tmp_path / f"driver{i}.log") for i in range(8)]
-    assert len(open_fds()) == len(before) + 2 * len(spawned)
-    for child in spawned:
-        # The driver gets EOF on its command pipe once the supervisor lets go of it.
-        children.forget(child)
-        while not child.eof:
-            child.read()
-        os.close(child.fd)
-        wait(child.pid)
-    assert open_fds() == before
-    children.end_zygote()
+    try:
+        before = open_fds()
+        spawned = [children.spawn_driver(f"vm{i}", "no-such-mode", "{}", paths.vm(f"vm{i}"),
+                                         tmp_path / f"driver{i}.log") for i in range(8)]
+        assert len(open_fds()) == len(before) + 2 * len(spawned)
+        for child in spawned:
+            # The driver gets EOF on its command pipe once the supervisor lets go of it.
+            children.forget(child)
+            while not child.eof:
+                child.read()
+            os.close(child.fd)
+            wait(child.pid)
+        assert open_fds() == before
+    finally:
+        children.end_zygote()

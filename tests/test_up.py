@@ -238,8 +238,9 @@ def test_driver_log_holds_this_run_and_the_one_before(guest: Path, tmp_path: Pat
     for _ in range(3):
         proc = vmrun("up", "--quiet", str(manifest), timeout=120)
         assert proc.returncode == 0, proc.stderr
-    for log in (vm_dir / "driver.log", vm_dir / "driver.log.1"):
-        text = log.read_text()
+    texts = [(vm_dir / name).read_text() for name in ("driver.log", "driver.log.1")]
+    for text in texts:
         assert text.count("--- vmrun driver log") == 1, text  # one run each
         assert "libvirt version: " in text, text  # libvirt's own messages (fd 2 of the fork)
+    assert texts[0] != texts[1]  # two runs, not one run twice
     assert sorted(p.name for p in vm_dir.glob("driver.log*")) == ["driver.log", "driver.log.1"]

@@ -14,9 +14,17 @@ import signal
 from pathlib import Path
 
 import pytest
-from test_restart import seen
 
-from conftest import Up, cmdline, driver_pid, processes, stack_qemus, wait_until, write_stack
+from conftest import (
+    Up,
+    cmdline,
+    driver_pid,
+    processes,
+    seen,
+    stack_qemus,
+    wait_until,
+    write_stack,
+)
 from vmrun import procs
 
 

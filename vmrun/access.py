@@ -81,6 +81,11 @@ class ConnectError(VmrunError):
 
 # --- the stack's key ----------------------------------------------------------------------
 
+def key_comment(stack_name: str) -> str:
+    """The stack key's comment: the console parser finds the key's line by it."""
+    return f"vmrun-{stack_name}"
+
+
 def ensure_key(paths: StackPaths, stack_name: str) -> str | None:
     """The stack's public key, made on the first call (`ssh-keygen -t ed25519`); None when
     OpenSSH's ssh-keygen is not installed (then nothing can log in with it anyway)."""
@@ -92,14 +97,14 @@ def ensure_key(paths: StackPaths, stack_name: str) -> str | None:
             return None
         for path in (paths.ssh_key, paths.ssh_public_key):
             path.unlink(missing_ok=True)
-        _keygen([keygen, "-q", "-t", "ed25519", "-N", "", "-C", f"vmrun-{stack_name}",
+        _keygen([keygen, "-q", "-t", "ed25519", "-N", "", "-C", key_comment(stack_name),
                  "-f", str(paths.ssh_key)])
     os.chmod(paths.ssh_key, 0o600)
     if not paths.ssh_public_key.exists():
         if keygen is None:
             return None
         public = _keygen([keygen, "-y", "-f", str(paths.ssh_key)])
-        paths.ssh_public_key.write_text(public.strip() + f" vmrun-{stack_name}\n")
+        paths.ssh_public_key.write_text(f"{public.strip()} {key_comment(stack_name)}\n")
     return paths.ssh_public_key.read_text().strip()
 
 
@@ -211,7 +216,6 @@ class Preparation:
         data = {"stack": self.stack.name,
                 "netns": netns_name(self.stack.state_dir) if self.stack.networks else None,
                 "vms": vms}
-        paths.ssh_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         _write_atomic(paths.ssh_hosts, json.dumps(data, indent=2) + "\n")
         aliases = {ssh_alias(self.stack.name, name) for name in kept}
         update_known_hosts(paths.known_hosts, lambda alias: alias in aliases, [])
@@ -312,7 +316,7 @@ class ConsoleWatch:
 
     def __init__(self, stack: Stack) -> None:
         self.stack = stack
-        self.parsers = {vm.name: ConsoleParser(f"vmrun-{stack.name}") for vm in stack.vms}
+        self.parsers = {vm.name: ConsoleParser(key_comment(stack.name)) for vm in stack.vms}
 
     def line(self, vm: str, line: str) -> None:
         parser = self.parsers.get(vm)

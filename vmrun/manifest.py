@@ -44,7 +44,6 @@ from vmrun.convert import (
 from vmrun.errors import ManifestError, Problem
 from vmrun.fileconvert import CloudInit, Disk, Share, image_format
 from vmrun.identity import Identity, find_manifest
-from vmrun.layout import MANIFEST_NAMES as _MANIFEST_NAMES
 from vmrun.layout import StackPaths
 from vmrun.limits import (
     ACCELS,
@@ -69,7 +68,6 @@ if TYPE_CHECKING:  # imported where needed (vmrun.readiness imports vmrun.protoc
     from vmrun import network
     from vmrun.readiness import Ready
 
-MANIFEST_NAMES = _MANIFEST_NAMES  # what find_manifest looks for (defined in layout)
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,6 @@ if TYPE_CHECKING:
 
 VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")  # Debian's QEMU packages (qemu-system-common)
 DESCRIPTOR_DIRS = (Path("/etc/qemu/vhost-user"), Path("/usr/share/qemu/vhost-user"))
-# How vmrun's cloud-config part merges into the user's: lists (bootcmd) are appended to,
-# the user's other values win.
 
 
 @dataclass(frozen=True)

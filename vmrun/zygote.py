@@ -1,10 +1,11 @@
 """The supervisor's side of the driver zygote (vmrun/proc/zygote.py: why, and the protocol).
 
-`Zygote.start()` spawns it (through vmrun.children, so inside the stack's PID namespace);
-`fork()` has it fork one driver and returns that driver's pid as the supervisor sees it,
-read from the pidfd the zygote sends along (/proc/self/fdinfo: "Pid:"), so there is no
-search for it.  The caller holds SIGCHLD and the stop signals meanwhile (vmrun.children):
-a driver that dies at once stays a zombie, so its pid is still there to be read.
+`Children.start_zygote()` (vmrun/children.py) spawns it, inside the stack's PID
+namespace; `Zygote.fork()` has it fork one driver and returns that driver's pid as the
+supervisor sees it, read from the pidfd the zygote sends along (/proc/self/fdinfo:
+"Pid:"), so there is no search for it.  The caller holds SIGCHLD and the stop signals
+meanwhile (vmrun.children): a driver that dies at once stays a zombie, so its pid is
+still there to be read.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 from vmrun.errors import HostError
 
 SOCK_FD = 3  # the zygote's socket, in the zygote
-READY = b"ready"
+READY = b"ready"  # the zygote's first message: its imports are done
 READY_TIMEOUT = 120.0  # its imports, on a machine busy booting guests
 REPLY_TIMEOUT = 30.0
 
@@ -58,8 +59,9 @@ class Zygote:
 
     def fork(self, argv: Sequence[str], title: Sequence[str], command_r: int, log: int,
              event_w: int, keep: int) -> int:
-        """A new driver running `argv`; its pid (ours).  Raises HostError."""
-        self.wait_ready()
+        """A new driver running `argv`; its pid (ours).  After `wait_ready()` (which may
+        take a while: not with signals held).  Raises HostError."""
+        assert self.ready, "wait_ready() first"
         request = json.dumps({"argv": list(argv), "title": list(title), "keep": keep})
         self.sock.settimeout(REPLY_TIMEOUT)
         try:
@@ -92,6 +94,5 @@ def pid_of(pidfd: int) -> int:
 
 def socketpair() -> tuple[socket.socket, socket.socket]:
     """(ours, the zygote's): SOCK_SEQPACKET keeps each request a datagram."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    return ours, theirs
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 

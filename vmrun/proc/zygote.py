@@ -43,19 +43,15 @@ import sys
 
 from vmrun import _fastsig
 from vmrun.proc import driver
+from vmrun.zygote import READY, SOCK_FD
 
-SOCK_FD = 3
-READY = b"ready"
 MAX_REQUEST = 65536
 
 
 def serve(sock: socket.socket) -> None:
     sock.send(READY)
     while True:
-        try:
-            data, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST, 3)
-        except InterruptedError:
-            continue
+        data, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST, 3)
         if not data:
             return  # the supervisor is gone (or done)
         request = json.loads(data)

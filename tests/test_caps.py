@@ -35,11 +35,12 @@ def test_one_cpu_pins_every_thread_and_gives_them_back() -> None:
     assert os.sched_getaffinity(0) == allowed
 
 
-@pytest.mark.timeout(200)
-def test_warm_roots_keep_the_cached_capabilities(guest: Path, tmp_path: Path) -> None:
+def roots_keep_the_cache(guest: Path, tmp_path: Path, runs: int) -> None:
+    """`runs` runs of a 3-VM stack; after each, every root holds the host's cache as it
+    is (libvirt did not probe QEMU again in it)."""
     manifest = write_stack(tmp_path, guest, {f"v{i}": {"cmdline": cmdline()} for i in range(3)})
     cache = roots.caps_cache_dir(host.check("tcg"))
-    for _ in range(2):
+    for _ in range(runs):
         proc = vmrun("up", str(manifest), timeout=150)
         assert proc.returncode == 0, proc.stderr
         cached = {path.name: path.read_bytes() for path in cache.glob("*.xml")}
@@ -48,3 +49,36 @@ def test_warm_roots_keep_the_cached_capabilities(guest: Path, tmp_path: Path) ->
             caps_dir = StackPaths(tmp_path / ".vmrun" / "t").vm(vm).caps_dir
             in_root = {path.name: path.read_bytes() for path in caps_dir.glob("*.xml")}
             assert in_root == cached, f"libvirt probed QEMU again in {vm}'s root"
+
+
+@pytest.mark.timeout(200)
+def test_warm_roots_keep_the_cached_capabilities(guest: Path, tmp_path: Path) -> None:
+    roots_keep_the_cache(guest, tmp_path, runs=2)
+
+
+@pytest.mark.timeout(200)
+def test_a_reinstalled_qemu_is_probed_once_not_in_every_root(guest: Path,
+                                                             tmp_path: Path) -> None:
+    """A reinstall (or a restored machine) changes the ctime of QEMU's binary and not its
+    mtime; libvirt compares the ctime, and so must the cache's key, or every root of
+    every run probes again."""
+    qemu = host.check("tcg").qemu
+    before = os.stat(qemu)
+    os.chmod(qemu, before.st_mode)  # the ctime only, as a reinstall does
+    after = os.stat(qemu)
+    assert (after.st_mtime_ns, after.st_ctime_ns != before.st_ctime_ns) == \
+        (before.st_mtime_ns, True)
+    roots_keep_the_cache(guest, tmp_path, runs=1)
+
+
+def test_the_cache_key_has_what_libvirt_compares(tmp_path: Path) -> None:
+    files = {name: tmp_path / name for name in ("qemu", "driver.so")}
+    for path in files.values():
+        path.write_bytes(b"x")
+    the_host = host.Host(qemu=str(files["qemu"]), libvirt_driver=str(files["driver.so"]),
+                         accel=host.check("tcg").accel)
+    keys = {roots.caps_cache_dir(the_host)}
+    for path in files.values():
+        os.chmod(path, 0o700)  # ctime, not mtime
+        keys.add(roots.caps_cache_dir(the_host))
+    assert len(keys) == 3

@@ -1,7 +1,7 @@
 """Each VM's embedded libvirt root: its directory, its qemu.conf, its capabilities cache.
 
 libvirt probes QEMU's capabilities (0.8-0.9 s here) the first time a root is used; the result
-is kept per host and QEMU build (keyed by the QEMU binary and libvirt's QEMU driver) and
+is kept per host and QEMU build (keyed by what libvirt checks the file against) and
 copied into every new root, so a cold stack of N VMs pays one probe, not N.  That cache is
 kept without libvirt's `cpu-unavailable-features` flag where this is verified to be safe
 (vmrun/capsflags.py, docs/libvirt-internals.md): 0.2 s less in every VM's start.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import hashlib
 import os
 import shutil
@@ -22,6 +23,9 @@ from vmrun import host, procs
 from vmrun.errors import HostError
 from vmrun.layout import OWNER_FILE, VMPaths, caps_cache_base, private_dir, short_root_base
 from vmrun.proc import affinity
+
+# QEMU's loadable modules (Debian's path), whose directory's mtime libvirt compares
+QEMU_MODULE_DIRS = "/usr/lib/*/qemu"
 
 QEMU_CONF_ROOT = """\
 # Written by vmrun for its embedded driver root.
@@ -104,13 +108,23 @@ def collect_garbage() -> list[Path]:
 
 
 def caps_cache_dir(the_host: host.Host) -> Path:
-    """Where QEMU's capabilities are cached for this host's QEMU and libvirt build."""
-    # The CPU probes and drivers open roots on (vmrun/proc/affinity.py): libvirt probes
-    # again when it finds the CPUID data of another.
-    key = [f"cpu{affinity.cpu()}"]
+    """Where QEMU's capabilities are cached for this host's QEMU and libvirt build.
+
+    The key holds what libvirt (9.0) compares before it trusts a cached file, so that a
+    change of any of it means a new cache, probed once, instead of a stale one that every
+    root probes again on every run:
+    - the CPU probes and drivers open roots on (vmrun/proc/affinity.py): the CPUID data;
+    - the *ctime* of QEMU's binary (`qemuctime`) and of libvirt's QEMU driver
+      (`selfctime`): a reinstall or a restored machine changes them and not the mtime;
+    - the mtime of QEMU's module directory (`qemumoddirmtime`);
+    - the kernel (`kernelVersion`).
+    """
+    key = [f"cpu{affinity.cpu()}", " ".join(os.uname()[2:4])]
     for path in (the_host.qemu, the_host.libvirt_driver):
         st = os.stat(path)
-        key.append(f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}")
+        key.append(f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}")
+    for moddir in sorted(glob.glob(QEMU_MODULE_DIRS)):
+        key.append(f"{moddir}:{os.stat(moddir).st_mtime_ns}")
     digest = hashlib.sha256("|".join(key).encode()).hexdigest()[:16]
     return caps_cache_base() / digest
 

@@ -137,6 +137,24 @@ def test_sigkill_supervisor_then_up_again(guest: Path, tmp_path: Path) -> None:
     assert not cgroups.find(stack_roots(manifest, ["one", "two"]))
 
 
+@pytest.mark.timeout(180)
+def test_guests_run_outside_libvirts_cgroups(guest: Path, tmp_path: Path) -> None:
+    """libvirt's cgroups are switched off (qemu.conf `cgroup_controllers = []`): moving
+    QEMU and its vCPU thread into them cost ~45 ms of each start (docs/performance.md),
+    and a killed run left them behind."""
+    manifest = write_stack(tmp_path, guest, {"one": {"cmdline": cmdline(action="hang")}})
+    up = Up(manifest)
+    try:
+        up.expect("one | guest: hanging", timeout=120)  # its vCPU thread has run
+        qemu = stack_qemus(manifest, ["one"])["one"]
+        tasks = [Path(f"/proc/{qemu}/task/{tid}/cgroup").read_text()
+                 for tid in os.listdir(f"/proc/{qemu}/task")]
+        assert not [text for text in tasks if "/machine" in text]
+        assert not cgroups.find(stack_roots(manifest, ["one"]))
+    finally:
+        up.kill()
+
+
 @pytest.mark.timeout(240)
 def test_sigkill_supervisor_while_starting(guest: Path, tmp_path: Path) -> None:
     """The hard case: the supervisor dies while drivers are inside createXML."""

@@ -8,6 +8,9 @@ them behind.  For an embedded root the machine name is
 virDomainDriverGenerateMachineName), so the cgroups of a VM are found from its root.
 
 Only empty cgroups can be removed (rmdir): one that still holds a process is left alone.
+
+vmrun's roots now switch libvirt's cgroups off (vmrun/roots.py, `cgroup_controllers`), so
+this removes what runs of an earlier vmrun left, and anything a later libvirt might make.
 """
 
 from __future__ import annotations

@@ -27,6 +27,9 @@ from vmrun.proc import affinity
 # QEMU's loadable modules (Debian's path), whose directory's mtime libvirt compares
 QEMU_MODULE_DIRS = "/usr/lib/*/qemu"
 
+# As root: no cgroups for the guests (`cgroup_controllers`).  vmrun sets no limits, and
+# moving QEMU and each vCPU thread into libvirt's cgroups took ~45 ms of every start
+# (docs/performance.md); a killed run also left them behind (vmrun/cgroups.py).
 QEMU_CONF_ROOT = """\
 # Written by vmrun for its embedded driver root.
 stdio_handler = "file"
@@ -35,6 +38,7 @@ group = "root"
 security_driver = "none"
 namespaces = []
 remember_owner = 0
+cgroup_controllers = []
 """
 QEMU_CONF_USER = """\
 # Written by vmrun for its embedded driver root.

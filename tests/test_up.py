@@ -17,6 +17,7 @@ from conftest import (
     cmdline,
     driver_pid,
     last_run,
+    processes,
     stack_qemus,
     stack_roots,
     vmrun,
@@ -24,6 +25,7 @@ from conftest import (
     write_stack,
 )
 from vmrun import cgroups
+from vmrun.layout import StackPaths
 
 
 @pytest.mark.timeout(180)
@@ -214,6 +216,11 @@ def test_one_vm_killed_the_others_carry_on(guest: Path, tmp_path: Path,
         again.kill()
 
 
+def stack_zygotes(manifest: Path) -> list[int]:
+    wanted = [b"vmrun.proc.zygote", os.fsencode(str(manifest.parent))]
+    return [pid for pid, cmd in processes() if all(w in cmd for w in wanted)]
+
+
 @pytest.mark.timeout(180)
 def test_second_up_of_a_running_stack_exits_3(guest: Path, tmp_path: Path) -> None:
     manifest = write_stack(tmp_path, guest, {"one": {"cmdline": cmdline(action="hang")}})
@@ -221,6 +228,9 @@ def test_second_up_of_a_running_stack_exits_3(guest: Path, tmp_path: Path) -> No
     try:
         up.expect("one | guest: hanging", timeout=120)
         before = stack_qemus(manifest, ["one"])
+        zygotes, log = stack_zygotes(manifest), StackPaths(tmp_path / ".vmrun" / "t").zygote_log
+        assert len(zygotes) == 1
+        log_before = os.stat(log)
         start = time.monotonic()
         second = subprocess.run([sys.executable, "-m", "vmrun", "up", str(manifest)],
                                 capture_output=True, text=True, timeout=30)
@@ -229,6 +239,12 @@ def test_second_up_of_a_running_stack_exits_3(guest: Path, tmp_path: Path) -> No
         assert f"already running (pid {up.proc.pid})" in second.stderr
         assert "Traceback" not in second.stderr
         assert stack_qemus(manifest, ["one"]) == before  # untouched
+        # The zygote the second run started before it found the stack locked is gone,
+        # and so is its log; the running zygote's log is the same file, not truncated.
+        assert stack_zygotes(manifest) == zygotes
+        assert not Path(f"{log}.new").exists()
+        after = os.stat(log)
+        assert (after.st_ino, after.st_size >= log_before.st_size) == (log_before.st_ino, True)
         up.proc.send_signal(signal.SIGTERM)
         assert up.wait(60) == 128 + signal.SIGTERM
     finally:

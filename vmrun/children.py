@@ -22,9 +22,8 @@ from vmrun import _fastsig, procs, zygote
 from vmrun import protocol as p
 from vmrun.layout import VMPaths
 from vmrun.pidns import PidNamespace
-from vmrun.spawn import spawn
+from vmrun.spawn import FORWARDED, spawn
 
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 EVENT_FD = 3  # a driver's event pipe, in the driver
 
 
@@ -95,26 +94,17 @@ class Children:
         """Start the driver zygote (vmrun/proc/zygote.py) now, so that its imports run
         while the supervisor prepares the rest; `titles`: every driver's command line."""
         self.zygote_args = (stack_dir, [list(t) for t in titles], log)
-        ours, theirs = zygote.socketpair()
-        env = dict(os.environ)
-        env.pop("PYTHONSTARTUP", None)
-        env["LIBVIRT_LOG_OUTPUTS"] = "3:stderr"  # fd 2 of each driver is its own log
-        fds = {zygote.SOCK_FD: theirs.fileno()}
-        if self.lock_fd >= 0:
-            fds[self.lock_fd] = self.lock_fd
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_bytes(b"")
-        try:
-            with self.born_inside():
-                pid = spawn(zygote.argv(str(stack_dir), titles), fds=fds, env=env, log=log,
-                            hold=FORWARDED)
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        assert pid is not None
-        self.zygote = zygote.Zygote(pid, ours, str(log))
+        self.zygote = zygote.start(stack_dir, titles, log, self.pidns)
+
+    def adopt(self, pidns: PidNamespace | None, the_zygote: zygote.Zygote,
+              stack_dir: Path, titles: Sequence[Sequence[str]], log: Path) -> None:
+        """Take over a namespace and a zygote started before the lock was taken
+        (vmrun/headstart.py); the zygote's log moves to `log`, where a zygote started
+        again (`live_zygote`) writes too."""
+        os.replace(the_zygote.log, log)
+        the_zygote.log = str(log)
+        self.pidns, self.zygote = pidns, the_zygote
+        self.zygote_args = (stack_dir, [list(t) for t in titles], log)
 
     def live_zygote(self) -> zygote.Zygote:
         """The zygote; a new one if it is gone (killed, say: reaped, or a zombie still)."""

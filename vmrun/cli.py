@@ -115,17 +115,27 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from vmrun import view
-    from vmrun.supervisor import Supervisor
-
     if args.wait and not args.detach:
         raise UsageError("--wait goes with --detach")
     stack = localize(load(args), sys.stderr, cached_lines=False)
     if args.detach:
         return up_detached(stack, args.wait, args.fresh)
-    display = view.make(args.progress, [vm.name for vm in stack.vms], args.quiet)
+    from vmrun import headstart, host
+
+    the_host = host.check(stack.accel)  # exit 3 before anything is made
+    # The zygote imports libvirt while this process imports the supervisor (headstart.py).
+    head_start = headstart.HeadStart(stack.paths, [vm.name for vm in stack.vms])
     try:
-        result = Supervisor(stack, display, fresh=args.fresh).run()
+        from vmrun import view
+        from vmrun.supervisor import Supervisor
+
+        display = view.make(args.progress, [vm.name for vm in stack.vms], args.quiet)
+    except BaseException:
+        head_start.close()
+        raise
+    try:
+        result = Supervisor(stack, display, fresh=args.fresh, the_host=the_host,
+                            head_start=head_start).run()
     finally:
         display.close()
     display.summary(result)
@@ -134,6 +144,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def localize(stack: manifest.Stack, out: TextIO, cached_lines: bool = True) -> manifest.Stack:
     """The stack with every image fetched and verified (images.localize), reported."""
+    if not any(disk.url or disk.checksum for vm in stack.vms for disk in vm.disks):
+        return stack  # as images.localize would, without importing its HTTP client
     from vmrun import images
     from vmrun.pullview import ImageProgress
 

@@ -81,8 +81,10 @@ def all_pids() -> Iterable[int]:
     return (int(entry) for entry in os.listdir("/proc") if entry.isdigit())
 
 
-def stack_processes(paths: StackPaths, names: Iterable[str]) -> list[int]:
-    """Live QEMUs of the named VMs and live drivers of the stack."""
+def stack_processes(paths: StackPaths, names: Iterable[str],
+                    spare: Iterable[int] = ()) -> list[int]:
+    """Live QEMUs of the named VMs and live drivers (and zygotes) of the stack, but for
+    the pids in `spare` (this run's own zygote)."""
     roots = [_under(paths.vm(name).root) for name in names]
     stack_dir = _under(paths.dir)
     found = []
@@ -91,7 +93,8 @@ def stack_processes(paths: StackPaths, names: Iterable[str]) -> list[int]:
         if b"qemu" in cmd and any(root in cmd for root in roots) or \
                 (b"vmrun.proc.driver" in cmd or b"vmrun.proc.zygote" in cmd) and stack_dir in cmd:
             found.append(pid)
-    return [pid for pid in found if alive(pid) and pid != os.getpid()]
+    spared = {os.getpid(), *spare}
+    return [pid for pid in found if alive(pid) and pid not in spared]
 
 
 def kill_and_wait(pids: Iterable[int], wait: Callable[[float], None] | None = None,
@@ -110,13 +113,14 @@ def kill_and_wait(pids: Iterable[int], wait: Callable[[float], None] | None = No
 
 
 def clean_runtime(paths: StackPaths, names: Iterable[str],
-                  wait: Callable[[float], None] | None = None) -> list[int]:
+                  wait: Callable[[float], None] | None = None,
+                  spare: Iterable[int] = ()) -> list[int]:
     """End what a crashed run of the stack left and drop libvirt's stale runtime state.
 
     Returns the pids that were killed.
     """
     names = list(names)
-    leftovers = stack_processes(paths, names)
+    leftovers = stack_processes(paths, names, spare)
     kill_and_wait(leftovers, wait)
     for name in names:
         vm = paths.vm(name)

@@ -27,6 +27,9 @@ import signal
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+# The stop signals the supervisor forwards to every child: held while one is spawned.
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
 # Renumbering copies are made at or above this, clear of every target number.
 _HIGH_FD = 64
 

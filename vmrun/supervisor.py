@@ -48,16 +48,17 @@ from vmrun import (
     readiness,
     roots,
     shares,
-    zygote,
 )
 from vmrun import protocol as p
-from vmrun.children import FORWARDED, Child, Children, describe_status
+from vmrun.children import Child, Children, describe_status
 from vmrun.errors import EXIT_FAILED, EXIT_OK, HostError
+from vmrun.headstart import HeadStart, titles
 from vmrun.layout import VMPaths, remove
 from vmrun.manifest import VM, Stack
 from vmrun.pidns import PidNamespace
 from vmrun.results import RunResult, VMResult, addresses_of, iso_time
 from vmrun.scheduler import NeverStarted, Restart, Scheduler
+from vmrun.spawn import FORWARDED
 
 # After a stop signal, drivers get stop_timeout plus this long before they are killed.
 TEARDOWN_GRACE = 10.0
@@ -71,9 +72,11 @@ class Supervisor:
     """Runs one stack to its end."""
 
     def __init__(self, stack: Stack, listener: Listener | None = None,
-                 fresh: bool = False, the_host: host.Host | None = None) -> None:
+                 fresh: bool = False, the_host: host.Host | None = None,
+                 head_start: HeadStart | None = None) -> None:
         self.stack = stack
         self.the_host = the_host  # checked already (`up --detach` checks before forking)
+        self.head_start = head_start  # the namespace and zygote `vmrun up` started early
         self.fresh = fresh
         self.paths = stack.paths
         self.listener: Listener = listener or (lambda vm, event, state: None)
@@ -103,6 +106,13 @@ class Supervisor:
     # --- set-up and teardown --------------------------------------------------------------
 
     def run(self) -> RunResult:
+        try:
+            return self._run()
+        finally:
+            if self.head_start is not None:
+                self.head_start.close()  # not adopted (an error came first): ended here
+
+    def _run(self) -> RunResult:
         the_host = self.the_host or host.check(self.stack.accel)
         self.accel = the_host.accel.name
         netns.require_root(self.stack)
@@ -121,13 +131,20 @@ class Supervisor:
         server: control.ControlServer | None = None
         try:
             # Whatever a crashed run of this stack left goes first (we hold the lock)...
-            procs.clean_runtime(self.paths, [vm.name for vm in self.stack.vms])
+            names = [vm.name for vm in self.stack.vms]
+            procs.clean_runtime(self.paths, names,
+                                spare=self.head_start.pids() if self.head_start else ())
             cgroups.remove(self.paths.vm(vm.name).root for vm in self.stack.vms)
             # ... then the zygote, so that its imports run while the rest is prepared (and
-            # while this process imports what it needs only from here on: seed, domain).
-            self.children.pidns = PidNamespace.create()
-            self.children.start_zygote(self.paths.dir, self.driver_titles(),
-                                       self.paths.zygote_log)
+            # while this process imports what it needs only from here on: seed, domain);
+            # `vmrun up` started it already, before importing this module.
+            if self.head_start is not None:
+                self.children.adopt(*self.head_start.taken(), self.paths.dir,
+                                    titles(self.paths, names), self.paths.zygote_log)
+            else:
+                self.children.pidns = PidNamespace.create()
+                self.children.start_zygote(self.paths.dir, titles(self.paths, names),
+                                           self.paths.zygote_log)
             listeners = netns.bind_forwards(self.stack)
             try:
                 attachments = self.prepare()
@@ -158,12 +175,6 @@ class Supervisor:
             netns.teardown(self.stack.state_dir)
             cgroups.remove(self.paths.vm(vm.name).root for vm in self.stack.vms)
             os.close(lock_fd)
-
-    def driver_titles(self) -> list[list[str]]:
-        """The command line of every driver this run may start (vmrun/zygote.py)."""
-        return [zygote.title("probe", "", str(self.paths.probe_root())),
-                *(zygote.title("run", vm.name, str(self.paths.vm(vm.name).dir))
-                  for vm in self.stack.vms)]
 
     def end_namespace(self) -> None:
         """Whatever is still in the stack's PID namespace dies with its init."""

@@ -10,13 +10,17 @@ still there to be read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from vmrun.errors import HostError
+from vmrun.pidns import PidNamespace
+from vmrun.spawn import FORWARDED, spawn
 
 SOCK_FD = 3  # the zygote's socket, in the zygote
 READY = b"ready"  # the zygote's first message: its imports are done
@@ -36,6 +40,31 @@ def argv(stack_dir: str, titles: Sequence[Sequence[str]]) -> list[str]:
     need = max((sum(len(os.fsencode(a)) + 1 for a in t) for t in titles), default=0)
     have = sum(len(os.fsencode(a)) + 1 for a in head) + 1  # + the pad's NUL
     return [*head, "-" * max(1, need - have)]
+
+
+def start(stack_dir: Path, titles: Sequence[Sequence[str]], log: Path,
+          pidns: PidNamespace | None) -> Zygote:
+    """Spawn the zygote (inside `pidns`, if any) with `log` as its stdout and stderr;
+    `titles`: the command line of every driver it may fork.  It holds nothing of the
+    stack (the lock goes to each driver with its request), so it may start before the
+    supervisor takes the lock (vmrun/headstart.py)."""
+    ours, theirs = socketpair()
+    env = dict(os.environ)
+    env.pop("PYTHONSTARTUP", None)
+    env["LIBVIRT_LOG_OUTPUTS"] = "3:stderr"  # fd 2 of each driver is its own log
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_bytes(b"")
+    try:
+        with pidns.entered() if pidns else contextlib.nullcontext():
+            pid = spawn(argv(str(stack_dir), titles), fds={SOCK_FD: theirs.fileno()}, env=env,
+                        log=log, hold=FORWARDED)
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    assert pid is not None
+    return Zygote(pid, ours, str(log))
 
 
 class Zygote:
@@ -59,13 +88,15 @@ class Zygote:
 
     def fork(self, argv: Sequence[str], title: Sequence[str], command_r: int, log: int,
              event_w: int, keep: int) -> int:
-        """A new driver running `argv`; its pid (ours).  After `wait_ready()` (which may
-        take a while: not with signals held).  Raises HostError."""
+        """A new driver running `argv`; its pid (ours).  `keep`: a descriptor the driver
+        keeps open (the stack's lock), or -1.  After `wait_ready()` (which may take a
+        while: not with signals held).  Raises HostError."""
         assert self.ready, "wait_ready() first"
-        request = json.dumps({"argv": list(argv), "title": list(title), "keep": keep})
+        request = json.dumps({"argv": list(argv), "title": list(title)})
         self.sock.settimeout(REPLY_TIMEOUT)
         try:
-            socket.send_fds(self.sock, [request.encode()], [command_r, log, event_w])
+            socket.send_fds(self.sock, [request.encode()],
+                            [command_r, log, event_w, *([keep] if keep >= 0 else [])])
             data, fds, _flags, _addr = socket.recv_fds(self.sock, 64, 1)
         except (OSError, TimeoutError) as exc:
             raise HostError(f"vmrun's driver zygote failed: {exc} (see {self.log})") from None

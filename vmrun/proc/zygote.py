@@ -9,10 +9,11 @@ shares those pages.
 
 The protocol, one datagram each way per driver:
 
-* supervisor -> zygote: JSON ``{"argv": [...], "title": [...], "keep": FD}`` with three
-  descriptors (SCM_RIGHTS): the driver's command pipe (its fd 0), its log (fds 1 and 2)
-  and its event pipe (fd 3).  ``keep`` is one more descriptor the zygote inherited that
-  the driver keeps at its number (the stack's lock), or -1.
+* supervisor -> zygote: JSON ``{"argv": [...], "title": [...]}`` with three or four
+  descriptors (SCM_RIGHTS): the driver's command pipe (its fd 0), its log (fds 1 and 2),
+  its event pipe (fd 3) and the stack's lock, which the driver keeps open as long as it
+  lives.  The zygote itself holds nothing of the stack: it may be started before the
+  supervisor has the lock (vmrun/headstart.py).
 * zygote -> supervisor: the driver's pid in the namespace, with a pidfd of it (which names
   the process for the supervisor, whose pids differ from the namespace's).
 
@@ -51,7 +52,7 @@ MAX_REQUEST = 65536
 def serve(sock: socket.socket) -> None:
     sock.send(READY)
     while True:
-        data, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST, 3)
+        data, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST, 4)
         if not data:
             return  # the supervisor is gone (or done)
         request = json.loads(data)
@@ -75,9 +76,8 @@ def become_driver(sock: socket.socket, fds: list[int], request: dict[str, object
     supervisor ends a driver and libvirt's forks in it with killpg), the descriptors in
     place, the rest closed; then the driver."""
     os.setpgid(0, 0)
-    command_r, log, event_w = fds
-    keep = request["keep"]
-    assert isinstance(keep, int)
+    command_r, log, event_w = fds[:3]
+    keep = fds[3] if len(fds) > 3 else -1  # the lock: received above fd 3, kept there
     for target, source in ((0, command_r), (1, log), (2, log), (driver.EVENT_FD, event_w)):
         os.dup2(source, target)
     sock.detach()

@@ -66,7 +66,10 @@ fuzz: venv
 	VMRUN_FUZZ_COUNT=100000 $(BIN)/pytest -q -s tests/test_fuzz.py
 
 # BENCH_ARGS, e.g. "--runs 1 --only single,cli"; compare two runs: bench/compare.py OLD NEW
+# Bytecode first: with PYTHONDONTWRITEBYTECODE set, a module edited since `make venv` would
+# be compiled again by every process the benchmark times.
 bench: setup
+	$(BIN)/python -m compileall -q vmrun
 	$(BIN)/python bench/bench.py --json build/bench.json $(BENCH_ARGS)
 
 clean:

@@ -125,17 +125,21 @@ def cmd_up(args: argparse.Namespace) -> int:
     the_host = host.check(stack.accel)  # exit 3 before anything is made
     # The zygote imports libvirt while this process imports the supervisor (headstart.py).
     head_start = headstart.HeadStart(stack.paths, [vm.name for vm in stack.vms])
+    display = None
     try:
         from vmrun import view
         from vmrun.supervisor import Supervisor
 
         display = view.make(args.progress, [vm.name for vm in stack.vms], args.quiet)
+        supervisor = Supervisor(stack, display, fresh=args.fresh, the_host=the_host,
+                                head_start=head_start)  # from here on, it ends the head start
     except BaseException:
         head_start.close()
+        if display is not None:
+            display.close()
         raise
     try:
-        result = Supervisor(stack, display, fresh=args.fresh, the_host=the_host,
-                            head_start=head_start).run()
+        result = supervisor.run()
     finally:
         display.close()
     display.summary(result)

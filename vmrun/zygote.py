@@ -1,11 +1,12 @@
 """The supervisor's side of the driver zygote (vmrun/proc/zygote.py: why, and the protocol).
 
-`Children.start_zygote()` (vmrun/children.py) spawns it, inside the stack's PID
-namespace; `Zygote.fork()` has it fork one driver and returns that driver's pid as the
-supervisor sees it, read from the pidfd the zygote sends along (/proc/self/fdinfo:
-"Pid:"), so there is no search for it.  The caller holds SIGCHLD and the stop signals
-meanwhile (vmrun.children): a driver that dies at once stays a zombie, so its pid is
-still there to be read.
+`start()` spawns it, inside the stack's PID namespace: from `vmrun up` before the lock is
+taken (vmrun/headstart.py; the supervisor adopts it), or from the supervisor
+(`Children.start_zygote`, vmrun/children.py).  `Zygote.fork()` has it fork one driver and
+returns that driver's pid as the supervisor sees it, read from the pidfd the zygote sends
+along (/proc/self/fdinfo: "Pid:"), so there is no search for it.  The caller holds
+SIGCHLD and the stop signals meanwhile (vmrun.children): a driver that dies at once stays
+a zombie, so its pid is still there to be read.
 """
 
 from __future__ import annotations

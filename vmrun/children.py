@@ -21,7 +21,7 @@ from pathlib import Path
 from vmrun import _fastsig, procs, zygote
 from vmrun import protocol as p
 from vmrun.layout import VMPaths
-from vmrun.pidns import PidNamespace
+from vmrun.pidns import PidNamespace, born_inside
 from vmrun.spawn import FORWARDED, spawn
 
 EVENT_FD = 3  # a driver's event pipe, in the driver
@@ -122,11 +122,7 @@ class Children:
     def end_zygote(self) -> None:
         """End the zygote and reap it (the reaper is uninstalled by now)."""
         if self.zygote is not None:
-            self.zygote.close()
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.zygote.pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):  # reaped already
-                os.waitpid(self.zygote.pid, 0)
+            self.zygote.end()
             self.exits.pop(self.zygote.pid, None)
             self.zygote = None
 
@@ -173,13 +169,10 @@ class Children:
         """Start a helper process (the forwarder: a Python module; passt: a program); its
         exit is in `exits` when reaped."""
         command = [sys.executable, "-m", *argv] if python else list(argv)
-        with self.born_inside():
+        with born_inside(self.pidns):
             pid = spawn(command, fds=fds, env=os.environ, log=log)
         assert pid is not None  # no `proceed`: always started
         return pid
-
-    def born_inside(self) -> contextlib.AbstractContextManager[None]:
-        return self.pidns.entered() if self.pidns else contextlib.nullcontext()
 
     @property
     def parent_pid(self) -> int:

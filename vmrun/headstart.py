@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 from pathlib import Path
 
 from vmrun import lock, zygote
@@ -61,11 +60,7 @@ class HeadStart:
     def close(self) -> None:
         """End and reap the zygote and the namespace's init, and remove the log."""
         if self.zygote is not None:
-            self.zygote.close()
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.zygote.pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(self.zygote.pid, 0)
+            self.zygote.end()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.zygote.log)
             self.zygote = None

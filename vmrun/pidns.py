@@ -88,3 +88,8 @@ class PidNamespace:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.guard = self.fd = self.own = -1
+
+
+def born_inside(pidns: PidNamespace | None) -> contextlib.AbstractContextManager[None]:
+    """Children spawned meanwhile are born in `pidns`, or where we are when it is None."""
+    return pidns.entered() if pidns else contextlib.nullcontext()

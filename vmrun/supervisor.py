@@ -140,7 +140,7 @@ class Supervisor:
             # `vmrun up` started it already, before importing this module.
             if self.head_start is not None:
                 self.children.adopt(*self.head_start.taken(), self.paths.dir,
-                                    titles(self.paths, names), self.paths.zygote_log)
+                                    self.head_start.titles, self.paths.zygote_log)
             else:
                 self.children.pidns = PidNamespace.create()
                 self.children.start_zygote(self.paths.dir, titles(self.paths, names),

@@ -14,13 +14,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from vmrun.errors import HostError
-from vmrun.pidns import PidNamespace
+from vmrun.pidns import PidNamespace, born_inside
 from vmrun.spawn import FORWARDED, spawn
 
 SOCK_FD = 3  # the zygote's socket, in the zygote
@@ -56,7 +57,7 @@ def start(stack_dir: Path, titles: Sequence[Sequence[str]], log: Path,
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_bytes(b"")
     try:
-        with pidns.entered() if pidns else contextlib.nullcontext():
+        with born_inside(pidns):
             pid = spawn(argv(str(stack_dir), titles), fds={SOCK_FD: theirs.fileno()}, env=env,
                         log=log, hold=FORWARDED)
     except BaseException:
@@ -112,6 +113,14 @@ class Zygote:
     def close(self) -> None:
         """EOF on its socket: the zygote exits (the caller reaps it)."""
         self.sock.close()
+
+    def end(self) -> None:
+        """End it now and reap it (by whoever has no reaper of its own installed)."""
+        self.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):  # reaped already
+            os.waitpid(self.pid, 0)
 
 
 def pid_of(pidfd: int) -> int:

@@ -25,6 +25,7 @@ import shutil
 import stat
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +117,22 @@ def remove_socket_dir(directory: Path) -> None:
     layout.remove(directory)
 
 
+SOCKET_TIMEOUT = 5.0  # passt makes its socket within milliseconds
+
+
+def wait_for_socket(socket: Path, gone: Callable[[], bool],
+                    pause: Callable[[float], object]) -> bool:
+    """Wait until passt has made `socket`: False if passt ended first (`gone()`) or did
+    not make it within SOCKET_TIMEOUT.  `pause(seconds)` waits between two looks (a sleep,
+    or the supervisor's own loop, which reaps meanwhile)."""
+    deadline = time.monotonic() + SOCKET_TIMEOUT
+    while not socket.exists():
+        if gone() or time.monotonic() > deadline:
+            return socket.exists()
+        pause(0.005)
+    return True
+
+
 def require(needed: bool) -> None:
     """HostError (exit 3) when a VM has NAT and passt is not installed or cannot run here
     (before anything starts; subprocesses are allowed then, the reaper is not there yet)."""
@@ -130,10 +147,7 @@ def require(needed: bool) -> None:
     try:
         with subprocess.Popen(passt_argv(socket, True), stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
-            deadline = time.monotonic() + 5
-            while not socket.exists() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.005)
-            started = socket.exists()
+            started = wait_for_socket(socket, lambda: proc.poll() is not None, time.sleep)
             proc.kill()
             output = proc.communicate(timeout=5)[0].decode(errors="replace")
     finally:

@@ -453,8 +453,8 @@ class Supervisor:
         fds, forwards = {}, []
         for number, (sock, (vm, fwd)) in enumerate(zip(listeners, targets, strict=True)):
             fds[3 + number] = sock.fileno()
-            forwards.append(p.ForwardTarget(fd=3 + number, ip=str(vm.addresses[0].ip),
-                                            port=fwd.guest_port))
+            assert vm.address is not None  # a forward needs a network (the manifest says)
+            forwards.append(p.ForwardTarget(fd=3 + number, ip=vm.address, port=fwd.guest_port))
         spec = p.ForwarderSpec(netns=str(self.netns_path), forwards=tuple(forwards),
                                supervisor_pid=self.children.parent_pid)
         self.paths.forward_log.write_bytes(b"")
@@ -470,11 +470,9 @@ class Supervisor:
         pid = self.children.spawn_other(nat.passt_argv(paths.nat_socket, vm.nat != "no-host"),
                                         {}, paths.nat_log, python=False)
         self.passts[vm.name] = pid
-        deadline = time.monotonic() + 5
-        while not paths.nat_socket.exists():
-            if pid in self.children.exits or time.monotonic() > deadline:
-                raise HostError(f"VM {vm.name}: passt did not start (see {paths.nat_log})")
-            self.wait(0.01)
+        if not nat.wait_for_socket(paths.nat_socket, lambda: pid in self.children.exits,
+                                   self.wait):
+            raise HostError(f"VM {vm.name}: passt did not start (see {paths.nat_log})")
 
     def stop_passt(self, name: str) -> None:
         if name in self.passts:

@@ -165,6 +165,12 @@ def host_of(data: dict[str, Any], vm: str) -> Host | None:
                 login=entry.get("login"))
 
 
+def netns_of(data: dict[str, Any]) -> str | None:
+    """The stack's network namespace as hosts.json names it, if it is a name vmrun gives."""
+    netns = data.get("netns")
+    return netns if isinstance(netns, str) and NETNS_RE.match(netns) else None
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".new")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -210,7 +216,7 @@ class Preparation:
         vms = {}
         for vm in self.stack.vms:
             previous = host_of(old, vm.name) if vm.name in kept else None
-            vms[vm.name] = {"address": str(vm.addresses[0].ip) if vm.addresses else None,
+            vms[vm.name] = {"address": vm.address,
                             "ssh_user": vm.ssh_user,
                             "login": previous.login if previous else None}
         data = {"stack": self.stack.name,
@@ -472,8 +478,8 @@ def target(stack: Identity, vm: str, wait: float,
         raise ConnectError(f'VM "{vm}" was not part of the stack when it started',
                            hint=f"restart the stack: vmrun down {stack.path}; "
                                 f"vmrun up --detach {stack.path}")
-    netns = data.get("netns")
-    if host.address is None or not isinstance(netns, str) or not NETNS_RE.match(netns):
+    netns = netns_of(data)
+    if host.address is None or netns is None:
         raise UsageError(f'VM "{vm}" has no private network: vmrun reaches a guest through '
                          "its address on its first network",
                          hint=f'add a [network.lan] table and networks = ["lan"] to '
@@ -527,11 +533,10 @@ def config_targets(stack: Identity, names: Iterable[str]) -> tuple[list[Target],
                          "are made by its first `vmrun up`",
                          hint=f"start it with: vmrun up --detach {stack.path}")
     targets, missing = [], []
-    netns = data.get("netns")
+    netns = netns_of(data)
     for name in names:
         host = host_of(data, name)
-        if host is None or host.address is None or not isinstance(netns, str) \
-                or not NETNS_RE.match(netns):
+        if host is None or host.address is None or netns is None:
             missing.append(f"{name}: no private network (vmrun ssh cannot reach it)")
             continue
         targets.append(Target(alias=ssh_alias(stack.name, name), address=host.address,

@@ -106,6 +106,11 @@ class VM:
     group: str = ""  # the [vm.NAME] table it comes from
     addresses: tuple[network.Address, ...] = ()  # one per network, in `networks` order
 
+    @property
+    def address(self) -> str | None:
+        """Its address on its first network: where vmrun reaches it (ssh, ready, forward)."""
+        return str(self.addresses[0].ip) if self.addresses else None
+
 
 @dataclass(frozen=True)
 class Stack:

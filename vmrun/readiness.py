@@ -131,10 +131,10 @@ def probe_of(stack: Stack, vm: VM) -> p.ReadyProbe | None:
     ready = vm.ready
     if ready is None or not ready.probed:
         return None
-    if not vm.addresses:  # refused by the manifest's checks; never here
+    address = vm.address
+    if address is None:  # refused by the manifest's checks; never here
         raise UsageError(f"VM {vm.name}: ready = {{ {ready.form} = … }} needs a private "
                          "network")
-    address = str(vm.addresses[0].ip)
     if ready.port is not None:
         return p.ReadyProbe(address=address, port=ready.port, interval=PORT_INTERVAL,
                             attempt_timeout=PORT_ATTEMPT_TIMEOUT)

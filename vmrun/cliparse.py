@@ -66,6 +66,11 @@ def _file(verb: argparse.ArgumentParser) -> None:
     verb.add_argument("file", nargs="?", help=FILE_HELP)
 
 
+def _state_dir(verb: argparse.ArgumentParser,
+               help: str = "the state directory the stack was started with") -> None:
+    verb.add_argument("--state-dir", metavar="DIR", help=help)
+
+
 def _stack(vms: str = "") -> Callable[[argparse.ArgumentParser], None]:
     """The arguments of a verb on a stack that may run: [FILE] (with VM names: `vms`)."""
     def add(verb: argparse.ArgumentParser) -> None:
@@ -73,9 +78,8 @@ def _stack(vms: str = "") -> Callable[[argparse.ArgumentParser], None]:
             verb.add_argument("words", nargs=vms, metavar="[FILE] VM",
                               help=FILE_HELP + "; then the VM name(s)")
         else:
-            verb.add_argument("file", nargs="?", help=FILE_HELP)
-        verb.add_argument("--state-dir", metavar="DIR",
-                          help="the state directory the stack was started with")
+            _file(verb)
+        _state_dir(verb)
     return add
 
 
@@ -85,9 +89,8 @@ def _render(verb: argparse.ArgumentParser) -> None:
 
 
 def _up(verb: argparse.ArgumentParser) -> None:
-    verb.add_argument("file", nargs="?", help=FILE_HELP)
-    verb.add_argument("--state-dir", metavar="DIR",
-                      help="keep state in DIR/<name>/ instead of the manifest's state_dir")
+    _file(verb)
+    _state_dir(verb, "keep state in DIR/<name>/ instead of the manifest's state_dir")
     verb.add_argument("-q", "--quiet", action="store_true",
                       help="do not stream consoles; print only the summary")
     verb.add_argument("--progress", choices=("auto", "tty", "plain"), default="auto",
@@ -139,15 +142,13 @@ def _cp(verb: argparse.ArgumentParser) -> None:
     verb.add_argument("cp_words", nargs="+", metavar="[FILE] SRC DEST",
                       help=FILE_HELP + "; then SRC and DEST, one of them VM:PATH")
     verb.add_argument("-r", "--recursive", action="store_true", help="copy directories")
-    verb.add_argument("--state-dir", metavar="DIR",
-                      help="the state directory the stack was started with")
+    _state_dir(verb)
     verb.add_argument("--wait", type=float, default=SSH_WAIT, metavar="S", help=WAIT_HELP)
 
 
 def _doctor(verb: argparse.ArgumentParser) -> None:
     verb.add_argument("--json", action="store_true", help="print JSON")
-    verb.add_argument("--state-dir", metavar="DIR",
-                      help="check this state directory (default: ./.vmrun)")
+    _state_dir(verb, "check this state directory (default: ./.vmrun)")
 
 
 def _nothing(verb: argparse.ArgumentParser) -> None:

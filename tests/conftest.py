@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from vmrun import manifest
+from vmrun.errors import ManifestError
 from vmrun.layout import StackPaths
 
 REPO = Path(__file__).resolve().parent.parent
@@ -92,6 +94,22 @@ def toml_value(value: Any) -> str:
     if isinstance(value, dict):
         return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
     return str(value)
+
+
+def load_text(directory: Path, text: str, env: dict[str, str] | None = None) -> manifest.Stack:
+    """Write `text` to `directory`/s.toml and load it as a manifest (environment `env`,
+    1 TiB of host memory): the stack is named "s" and relative paths resolve in `directory`."""
+    path = directory / "s.toml"
+    path.write_text(text)
+    return manifest.loads(text, path, environ=env or {}, host_memory=1 << 20)
+
+
+def problems_of_text(directory: Path, text: str, env: dict[str, str] | None = None) -> list[str]:
+    """The problems (as printed) that loading the bad manifest `text` reports, as
+    `load_text` loads it; fails the test if it loads."""
+    with pytest.raises(ManifestError) as info:
+        load_text(directory, text, env)
+    return [str(p) for p in info.value.problems]
 
 
 def write_stack(directory: Path, guest_dir: Path, vms: dict[str, dict[str, Any]],

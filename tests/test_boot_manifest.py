@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from vmrun import manifest
-from vmrun.errors import ManifestError
+from conftest import load_text as load
+from conftest import problems_of_text as problems
 
 SHA = "ab" * 32
 
@@ -19,18 +19,6 @@ def files(tmp_path: Path) -> Path:
     (tmp_path / "disk.raw").write_bytes(b"\0" * 2 * 1024 * 1024)
     (tmp_path / "cd.iso").write_bytes(b"\0" * 4096)
     return tmp_path
-
-
-def load(directory: Path, text: str) -> manifest.Stack:
-    path = directory / "s.toml"
-    path.write_text(text)
-    return manifest.loads(text, path, environ={}, host_memory=1 << 20)
-
-
-def problems(directory: Path, text: str) -> list[str]:
-    with pytest.raises(ManifestError) as info:
-        load(directory, text)
-    return [str(p) for p in info.value.problems]
 
 
 def test_boot_defaults(files: Path) -> None:

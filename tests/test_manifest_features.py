@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from vmrun import domain, manifest
+from conftest import load_text as load
+from conftest import problems_of_text as problems
+from vmrun import domain
 from vmrun.errors import ManifestError
 
 
@@ -17,18 +19,6 @@ from vmrun.errors import ManifestError
 def files(tmp_path: Path) -> Path:
     (tmp_path / "vmlinuz").write_bytes(b"kernel")
     return tmp_path
-
-
-def load(directory: Path, text: str, env: dict[str, str] | None = None) -> manifest.Stack:
-    path = directory / "s.toml"
-    path.write_text(text)
-    return manifest.loads(text, path, environ=env or {}, host_memory=1 << 20)
-
-
-def problems(directory: Path, text: str, env: dict[str, str] | None = None) -> list[str]:
-    with pytest.raises(ManifestError) as info:
-        load(directory, text, env)
-    return [str(p) for p in info.value.problems]
 
 
 def test_interpolation_from_environment_and_env_file(files: Path) -> None:

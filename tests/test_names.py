@@ -7,14 +7,14 @@ import email
 import email.policy
 from pathlib import Path
 
+from conftest import load_text
 from vmrun import manifest, names, seed
 
 
 def load(directory: Path, text: str) -> manifest.Stack:
+    """`load_text`, with the `vmlinuz` the manifests here name written first."""
     (directory / "vmlinuz").write_bytes(b"kernel")
-    path = directory / "s.toml"
-    path.write_text(text)
-    return manifest.loads(text, path, environ={}, host_memory=1 << 20)
+    return load_text(directory, text)
 
 
 STACK = """

@@ -19,8 +19,10 @@ import pytest
 from lxml import etree
 
 from conftest import cmdline, last_run, processes, vmrun, write_stack
-from vmrun import manifest, nat, seed
-from vmrun.errors import HostError, ManifestError
+from conftest import load_text as load
+from conftest import problems_of_text as problems
+from vmrun import nat, seed
+from vmrun.errors import HostError
 from vmrun.layout import StackPaths
 
 
@@ -29,12 +31,6 @@ def files(tmp_path: Path) -> Path:
     (tmp_path / "vmlinuz").write_bytes(b"kernel")
     (tmp_path / "user.yaml").write_text("#cloud-config\n")
     return tmp_path
-
-
-def load(directory: Path, text: str) -> manifest.Stack:
-    path = directory / "s.toml"
-    path.write_text(text)
-    return manifest.loads(text, path, environ={}, host_memory=1 << 20)
 
 
 def test_nat_values_and_placeholders(files: Path) -> None:
@@ -48,10 +44,8 @@ def test_nat_values_and_placeholders(files: Path) -> None:
 
 
 def test_bad_nat_value_and_placeholder_without_nat(files: Path) -> None:
-    with pytest.raises(ManifestError) as info:
-        load(files, '[vm.a]\nkernel = "vmlinuz"\nnat = "yes"\n'
-                    '[vm.b]\nkernel = "vmlinuz"\ncmdline = "ip={nat.ip}"\n')
-    found = [str(p) for p in info.value.problems]
+    found = problems(files, '[vm.a]\nkernel = "vmlinuz"\nnat = "yes"\n'
+                            '[vm.b]\nkernel = "vmlinuz"\ncmdline = "ip={nat.ip}"\n')
     assert any("s.toml:3: vm.a.nat" in f and '"no-host"' in f for f in found), found
     assert any("s.toml:6: vm.b.cmdline" in f and "placeholder" in f for f in found), found
 

@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 
 from conftest import Up, cmdline, last_run, vmrun, write_stack
-from vmrun import domain, manifest, seed, shares, userdata
-from vmrun.errors import HostError, ManifestError
+from conftest import load_text as load
+from conftest import problems_of_text as problems
+from vmrun import domain, seed, shares, userdata
+from vmrun.errors import HostError
 from vmrun.layout import VMPaths
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,18 +33,6 @@ def files(tmp_path: Path) -> Path:
     (tmp_path / "afile").write_text("not a directory\n")
     (tmp_path / "user.yaml").write_text("#cloud-config\nbootcmd:\n  - echo mine\n")
     return tmp_path
-
-
-def load(directory: Path, text: str) -> manifest.Stack:
-    path = directory / "s.toml"
-    path.write_text(text)
-    return manifest.loads(text, path, environ={}, host_memory=1 << 20)
-
-
-def problems(directory: Path, text: str) -> list[str]:
-    with pytest.raises(ManifestError) as info:
-        load(directory, text)
-    return [str(p) for p in info.value.problems]
 
 
 # --- the manifest -------------------------------------------------------------------------

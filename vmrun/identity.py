@@ -62,13 +62,13 @@ def load_identity(path: str | os.PathLike[str],
     """As manifest.load_identity (the same Identity, the same errors), in less time."""
     path = Path(path)
     source = read_manifest(path)
-    data, _lines = parse_toml(source, path)
+    data, lines = parse_toml(source, path)
     identity = plain_identity(data, path, state_dir)
     if identity is not None:
         return identity
     from vmrun import manifest
 
-    return manifest.loads_identity(source, path, state_dir=state_dir)
+    return manifest.loads_identity(source, path, state_dir=state_dir, parsed=(data, lines))
 
 
 def _name_ok(value: Any, longest: int) -> bool:

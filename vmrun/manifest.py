@@ -296,8 +296,12 @@ def load_identity(path: str | os.PathLike[str],
 
 
 def loads_identity(source: str, path: Path, state_dir: str | os.PathLike[str] | None = None,
-                   environ: Mapping[str, str] | None = None) -> Identity:
-    data, lines = parse_toml(source, path)
+                   environ: Mapping[str, str] | None = None,
+                   parsed: tuple[dict[str, Any], dict[tuple[str, ...], int]] | None = None,
+                   ) -> Identity:
+    """As load_identity, from the manifest's text; `parsed`: what tomlkeys.parse_toml made
+    of `source` already (vmrun/identity.py), so that it is not parsed twice."""
+    data, lines = parsed if parsed is not None else parse_toml(source, path)
     resolved, base_dir = _base_dir(path)
     ctx = Context(base_dir=base_dir, host_memory_mib=0)  # no converter used here needs it
     col = Collector(path, lines)

@@ -27,39 +27,40 @@ from conftest import cmdline, vmrun, write_stack
 from vmrun import capsflags, domain, host, manifest, roots
 from vmrun.layout import StackPaths, VMPaths
 
-# A probe exactly like vmrun's probe driver's (vmrun/proc/driver.py: probe), without the
-# driver protocol: libvirt probes QEMU into the root's cache, on the CPU vmrun uses.
-PROBE = r"""
-import os, sys, threading
-import libvirt
-from vmrun.proc import affinity
-root, emulator = sys.argv[1:3]
-libvirt.virEventRegisterDefaultImpl()  # the embedded driver wants one, as in the driver
-def loop():
-    while True:
-        libvirt.virEventRunDefaultImpl()
-threading.Thread(target=loop, daemon=True).start()
-with affinity.one_cpu():
-    conn = libvirt.open(f"qemu:///embed?root={root}")
-    conn.getDomainCapabilities(emulator, "x86_64", "q35", "qemu")
-os._exit(0)  # libvirt's event thread may block in one more iteration
-"""
-
-# Start one guest in a root (createXML, paused, as vmrun's driver does), read its live
-# domain and QEMU's command line, let it run to its poweroff reading its console.
-START = r"""
+# What both scripts below begin with: libvirt's event loop running, as in vmrun's driver
+# (the embedded driver wants one), and `connect(root, then)`, which opens the embedded
+# driver on `root` on the CPU vmrun uses (vmrun/proc/affinity.py) and calls `then(conn)`
+# before it leaves that CPU.
+LIBVIRT_PREAMBLE = r"""
 import json, os, socket, sys, threading, time
 from pathlib import Path
 import libvirt
 from vmrun.proc import affinity
-root, xml, console_path, out = sys.argv[1:5]
 libvirt.virEventRegisterDefaultImpl()
 def loop():
     while True:
         libvirt.virEventRunDefaultImpl()
 threading.Thread(target=loop, daemon=True).start()
-with affinity.one_cpu():
-    conn = libvirt.open(f"qemu:///embed?root={root}")
+def connect(root, then=lambda conn: None):
+    with affinity.one_cpu():
+        conn = libvirt.open(f"qemu:///embed?root={root}")
+        then(conn)
+    return conn
+"""
+
+# A probe exactly like vmrun's probe driver's (vmrun/proc/driver.py: probe), without the
+# driver protocol: libvirt probes QEMU into the root's cache, on the CPU vmrun uses.
+PROBE = LIBVIRT_PREAMBLE + r"""
+root, emulator = sys.argv[1:3]
+connect(root, lambda conn: conn.getDomainCapabilities(emulator, "x86_64", "q35", "qemu"))
+os._exit(0)  # libvirt's event thread may block in one more iteration
+"""
+
+# Start one guest in a root (createXML, paused, as vmrun's driver does), read its live
+# domain and QEMU's command line, let it run to its poweroff reading its console.
+START = LIBVIRT_PREAMBLE + r"""
+root, xml, console_path, out = sys.argv[1:5]
+conn = connect(root)
 started = time.monotonic()
 dom = conn.createXML(xml, libvirt.VIR_DOMAIN_START_PAUSED)
 create = time.monotonic() - started
@@ -348,12 +349,20 @@ def test_an_edit_libvirt_does_not_take_is_undone_for_good(
 @pytest.mark.timeout(300)
 def test_vmrun_up_starts_guests_with_the_edited_cache_and_no_probe(
         guest: Path, tmp_path: Path) -> None:
+    """The first `vmrun up` on a host (its cache empty: a private one, $VMRUN_CAPS_CACHE,
+    since the host's is warm once any stack ran) probes QEMU and edits the file, libvirt
+    having taken the edited file; the guest starts with it, and libvirt does not probe in
+    its root.  The second `up` copies the cache as it is."""
     manifest_path = write_stack(tmp_path, guest, {"v": {"cmdline": cmdline("hi")}})
-    cache = roots.caps_cache_dir(host.check("tcg"))
-    for _ in range(2):
-        proc = vmrun("up", str(manifest_path), timeout=150)
+    private = tmp_path / "caps-cache"
+    cache = private / roots.caps_cache_dir(host.check("tcg")).name
+    for run in ("cold", "warm"):
+        proc = vmrun("up", str(manifest_path), timeout=150,
+                     env={"VMRUN_CAPS_CACHE": str(private)})
         assert proc.returncode == 0, proc.stderr
         assert re.search(r"^v +\| hi$", proc.stdout, re.M), proc.stdout
+        probed = "vmrun: probing QEMU's capabilities" in proc.stderr
+        assert probed == (run == "cold"), (run, proc.stderr)
         marker = cache / capsflags.REFUSED_MARKER
         assert not marker.exists(), marker.read_text()
         cached = {path.name: path.read_bytes() for path in cache.glob("*.xml")}

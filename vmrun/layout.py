@@ -129,7 +129,10 @@ def short_socket_path(socket: Path) -> Iterator[str]:
 
 
 def caps_cache_base() -> Path:
-    """Where QEMU's capabilities are cached, one directory per QEMU and libvirt build."""
+    """Where QEMU's capabilities are cached, one directory per QEMU and libvirt build:
+    $VMRUN_CAPS_CACHE if set (a CI cache, a test's own), else the user's cache."""
+    if os.environ.get("VMRUN_CAPS_CACHE"):
+        return Path(os.environ["VMRUN_CAPS_CACHE"]).expanduser().absolute()
     if os.geteuid() == 0:
         base = Path("/var/cache/vmrun")
     else:

@@ -9,9 +9,11 @@ ends in `failed`, `not ready after Ns`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -254,18 +256,41 @@ def test_command_probe() -> None:
 
 @pytest.mark.timeout(30)
 def test_command_probe_cancel_kills_and_reaps_only_its_own_child() -> None:
+    """`cancel` kills the command's process group (the command runs in a group of its
+    own): the command and what it left running in the background, a grandchild of the
+    driver's in that group, are gone at once.  It reaps the command by its pid only: a
+    child of the driver's outside the probe is neither killed nor reaped."""
     other = subprocess.Popen(["sleep", "30"])  # a child the probe must leave alone
+    grandchild = None  # a pidfd: it stays this process's, whoever reaps it and when
     try:
-        probe = probes.CommandProbe(("sh", "-c", "sleep 60 & sleep 60"), None)
+        # the command prints its background job's pid and waits for it
+        probe = probes.CommandProbe(("sh", "-c", "sleep 60 & echo $!; wait"), None)
         assert probe.start(time.monotonic()) is None
         assert probe.proc is not None
         pid = probe.proc.pid
+        deadline = time.monotonic() + 10
+        while not probe.output.endswith(b"\n"):
+            assert time.monotonic() < deadline, f"no pid printed: {bytes(probe.output)!r}"
+            select.select(probe.fds()[0], [], [], max(0.0, deadline - time.monotonic()))
+            assert probe.poll(time.monotonic()) is None, bytes(probe.output)
+        background = int(probe.output)
+        grandchild = os.pidfd_open(background)  # still running: the pid is still its
+        assert os.getpgid(background) == pid  # in the command's group (not a group of its own)
         probe.cancel()
         assert not probe.busy
         with pytest.raises(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)  # reaped already
+        # a pidfd becomes readable when its process has ended (a zombie counts: its
+        # parent is now init, or a subreaper, which reaps it when it sees fit)
+        ended, _, _ = select.select([grandchild], [], [], 5)
+        assert ended, "the command's background child outlived the cancel"
         assert other.poll() is None  # untouched, not reaped
     finally:
+        if grandchild is not None:
+            if not select.select([grandchild], [], [], 0)[0]:  # left by the cancel: its
+                with contextlib.suppress(ProcessLookupError):  # group is still the probe's
+                    os.killpg(pid, signal.SIGKILL)
+            os.close(grandchild)
         other.kill()
         other.wait(10)
 

@@ -196,19 +196,17 @@ def check_ready(col: Collector, vms: list[VM], vm_tables: dict[str, Any],
                 bad: dict[str, set[str]]) -> None:
     """`ready = { port = … }` and `{ ssh = … }` reach the VM at its first private address
     (from inside the stack's network namespace): such a VM needs a private network."""
-    reported: set[tuple[tuple[str, ...], str]] = set()
+    reported: set[str] = set()  # [vm.NAME] tables: once for the copies of one (`count`)
     for vm in vms:
         ready = vm.ready
-        if ready is None or not ready.probed or vm.networks or \
+        if ready is None or not ready.probed or vm.networks or vm.group in reported or \
                 {"ready", "networks"} & bad[vm.name]:
             continue
+        reported.add(vm.group)
         table = vm_tables.get(vm.group)
         where: tuple[str, ...] = ("vm", vm.group, "ready")
         if not isinstance(table, dict) or "ready" not in table:
             where = ("defaults", "ready")
-        if (where, vm.group) in reported:  # once for the copies of a table
-            continue
-        reported.add((where, vm.group))
         col.add(where, f"ready = {{ {ready.form} = … }} needs a private network",
                 found=f"[vm.{vm.group}] without networks",
                 hint='attach the VM to a network (networks = ["lan"] and a [network.lan] '

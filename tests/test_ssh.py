@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cmdline, vmrun, write_stack
-from vmrun import access, userdata
+from conftest import cmdline, load_text, vmrun, write_stack
+from vmrun import access, seed, userdata
 from vmrun.layout import StackPaths
 
 ED25519 = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICaviQgqE9FbmqSZRM6EvaV96n5fH4ImL+Lzfnf1idSt")
@@ -100,11 +100,13 @@ def test_console_watch_writes_known_hosts_and_the_login(tmp_path: Path) -> None:
     assert oct(paths.known_hosts.stat().st_mode & 0o777) == "0o600"
 
 
-def test_user_data_gets_the_key_and_keeps_the_users_part() -> None:
+def test_user_data_gets_the_key_and_keeps_the_users_part(tmp_path: Path) -> None:
     key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEih3ual4vG/4i7OQ0AuUBXmbuGx4jXi vmrun-t"
     user = b"#cloud-config\nssh_authorized_keys: [ssh-ed25519 AAAA second]\n"
-    key_part = [userdata.Part("text/cloud-config", "vmrun-ssh-key.cfg",
-                              access.key_config(key).encode())]
+    (tmp_path / "vmlinuz").write_bytes(b"kernel")
+    stack = load_text(tmp_path, '[vm.web]\nkernel = "vmlinuz"\n')
+    key_part = seed.vmrun_parts(stack, stack.vms[0], key)  # the key's part alone
+    assert [part.filename for part in key_part] == ["vmrun-ssh-key.cfg"]
     message = email.message_from_bytes(userdata.compose(user, key_part),
                                        policy=email.policy.compat32)
     parts = [part for part in message.walk() if not part.is_multipart()]
@@ -113,7 +115,7 @@ def test_user_data_gets_the_key_and_keeps_the_users_part() -> None:
     assert parts[0].get_payload(decode=True) == user
     ours = parts[1].get_payload(decode=True).decode()
     assert ours.startswith("#cloud-config\n") and json.dumps(key) in ours
-    assert "settings: [append]" in ours
+    assert parts[1]["Merge-Type"] == userdata.APPEND  # appended to the user's keys
     # a MIME multipart already (shared folders' part, make-mime): one more part
     twice = email.message_from_bytes(userdata.compose(message.as_bytes(), key_part),
                                      policy=email.policy.compat32)

@@ -8,8 +8,8 @@ How it fits together (docs/access.md, "Logging in and running commands"):
   Not as NoCloud vendor-data: cloud-init 22.4 does read vendor-data from a NoCloud seed,
   but merges the two configs key by key with the user's winning, so a user-data with its
   own `ssh_authorized_keys` would drop ours.  The user-data becomes a MIME multipart: the
-  user's own part as it was, then a cloud-config part that appends our key
-  (`merge_how: list(append)`): the user's keys keep working.
+  user's own part as it was, then a cloud-config part that appends our key (its
+  `Merge-Type` header: userdata.APPEND): the user's keys keep working.
 * The supervisor shows every console line to a `ConsoleWatch`: the host keys cloud-init
   prints (`-----BEGIN SSH HOST KEY KEYS-----` ... `-----END ...`) replace the VM's lines in
   `<state>/ssh/known_hosts`, under the alias `VM.STACK` (ssh's `HostKeyAlias`), and the
@@ -122,14 +122,10 @@ def _keygen(argv: list[str]) -> str:
 # --- user-data ----------------------------------------------------------------------------
 
 def key_config(public_key: str) -> str:
-    """The cloud-config part that appends `public_key` to the default user's keys."""
+    """The cloud-config that gives the default user `public_key`; its part appends it to
+    the user's own keys (userdata.APPEND, vmrun/seed.py)."""
     return ("#cloud-config\n"
             "# added by vmrun: the stack's SSH key (vmrun ssh, exec, cp)\n"
-            "merge_how:\n"
-            "  - name: list\n"
-            "    settings: [append]\n"
-            "  - name: dict\n"
-            "    settings: [no_replace, recurse_list]\n"
             "ssh_authorized_keys:\n"
             f"  - {json.dumps(public_key)}\n")
 

@@ -47,7 +47,7 @@ def vmrun_parts(stack: Stack, vm: VM, ssh_key: str | None) -> list[userdata.Part
                                    userdata.APPEND))
     if ssh_key is not None:
         parts.append(userdata.Part("text/cloud-config", "vmrun-ssh-key.cfg",
-                                   access.key_config(ssh_key).encode()))
+                                   access.key_config(ssh_key).encode(), userdata.APPEND))
     hosts = names.hosts_boothook(stack, vm)
     if hosts is not None:
         parts.append(userdata.Part("text/cloud-boothook", "vmrun-hosts.sh", hosts))

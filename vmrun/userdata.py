@@ -5,9 +5,9 @@ folders (vmrun/shares.py), the stack's SSH key (vmrun/access.py), the names of t
 VMs (vmrun/names.py).  They go in parts of their own, after the user's part, which is
 kept as it is: cloud-config, a script, a MIME multipart already (then ours are more parts
 of it), gzip-compressed (cloud-init ungzips only the whole, so it is ungzipped here).
-A cloud-config part of ours says how it merges (`Merge-Type`, or `merge_how` inside), so
-that it adds to the user's lists (bootcmd, ssh_authorized_keys) rather than replacing
-them.  Without parts of ours, the user-data is the user's file, byte for byte.
+A cloud-config part of ours says how it merges (its `Merge-Type` header: APPEND), so that
+it adds to the user's lists (bootcmd, ssh_authorized_keys) rather than replacing them.
+Without parts of ours, the user-data is the user's file, byte for byte.
 """
 
 from __future__ import annotations

@@ -295,16 +295,16 @@ def test_a_cold_cache_is_probed_checked_and_edited_once(
         probed: tuple[str, bytes], short_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cache = short_dir / "cache"
     monkeypatch.setattr(roots, "caps_cache_dir", lambda the_host: cache)
-    calls: list[Path] = []
+    calls: list[tuple[Path, bool]] = []
 
-    def probe(paths: VMPaths) -> bool:
-        calls.append(paths.root)
+    def probe(paths: VMPaths, checking: bool) -> bool:
+        calls.append((paths.root, checking))
         return libvirt_probe(paths)
 
     the_host = host.check("tcg")
     assert roots.ensure_caps(the_host, short_dir / "p", probe) == cache
     # One probe, and one more driver that only loads the edited file (it must not probe)
-    assert len(calls) == 2
+    assert [checking for _root, checking in calls] == [False, True]
     [file] = cache.glob("*.xml")
     assert capsflags.head(file).flags == 0 and not capsflags.pending_in(cache)
     assert not (cache / capsflags.REFUSED_MARKER).exists()
@@ -331,14 +331,14 @@ def test_an_edit_libvirt_does_not_take_is_undone_for_good(
             "name", "vmrun-no-such-flag"))
 
     monkeypatch.setattr(capsflags, "edit", bad_edit)
-    calls: list[Path] = []
+    calls: list[bool] = []
 
-    def probe(paths: VMPaths) -> bool:
-        calls.append(paths.root)
+    def probe(paths: VMPaths, checking: bool) -> bool:
+        calls.append(checking)
         return libvirt_probe(paths)
 
     roots._edit_caps(cache, short_dir / "p", probe)
-    assert len(calls) == 1
+    assert calls == [True]  # the check of the edited file
     assert (cache / name).read_bytes() == data
     assert "libvirt rewrote" in (cache / capsflags.REFUSED_MARKER).read_text()
     assert capsflags.pending(cache / name) and not capsflags.pending_in(cache)

@@ -133,12 +133,16 @@ def caps_cache_dir(the_host: host.Host) -> Path:
     return caps_cache_base() / digest
 
 
-def ensure_caps(the_host: host.Host, probe_root: Path,
-                probe: Callable[[VMPaths], bool]) -> Path | None:
+# probe(paths, checking): run a probe driver on the fresh root `paths`; whether it did.
+# `checking`: the root holds a cache already, which libvirt should take (and not probe).
+Probe = Callable[[VMPaths, bool], bool]
+
+
+def ensure_caps(the_host: host.Host, probe_root: Path, probe: Probe) -> Path | None:
     """The host's capabilities cache, probed first if there is none.
 
-    `probe(paths)` runs a probe driver on a fresh root at `probe_root` and says whether
-    it succeeded; another stack probing at the same time is waited for (a file lock).
+    `probe` runs a probe driver on a fresh root at `probe_root` and says whether it
+    succeeded; another stack probing at the same time is waited for (a file lock).
     None when the probe did not succeed (each root then probes for itself).  A cache
     that still has the flag vmrun/capsflags.py removes is edited here, once, after a
     second probe driver has shown that libvirt takes the edited file as it is.
@@ -164,7 +168,7 @@ def ensure_caps(the_host: host.Host, probe_root: Path,
     return cache
 
 
-def _probe_into(probe_root: Path, probe: Callable[[VMPaths], bool],
+def _probe_into(probe_root: Path, probe: Probe,
                 files: dict[str, bytes] | None = None) -> dict[str, bytes] | None:
     """Run `probe` on a fresh root at `probe_root` holding the cache `files` (name ->
     contents), if any; the cache files the root has afterwards (None: no success)."""
@@ -176,14 +180,14 @@ def _probe_into(probe_root: Path, probe: Callable[[VMPaths], bool],
             paths.caps_dir.mkdir(parents=True)
             for name, data in files.items():
                 write_file(paths.caps_dir / name, data)
-        if not probe(paths):
+        if not probe(paths, bool(files)):
             return None
         return {path.name: path.read_bytes() for path in sorted(paths.caps_dir.glob("*.xml"))}
     finally:
         shutil.rmtree(probe_root, ignore_errors=True)
 
 
-def _edit_caps(cache: Path, probe_root: Path, probe: Callable[[VMPaths], bool]) -> None:
+def _edit_caps(cache: Path, probe_root: Path, probe: Probe) -> None:
     """Remove the flag of vmrun/capsflags.py from the cache files of `cache` that still
     have it, if libvirt reads the edited files without probing QEMU again; otherwise
     leave them and mark the cache (capsflags.REFUSED_MARKER), so that no run tries again.

@@ -210,9 +210,9 @@ class Supervisor:
         ssh.finish()  # host keys of VMs whose disks were made anew are forgotten
         return attachments
 
-    def probe(self, the_host: host.Host, paths: VMPaths) -> bool:
+    def probe(self, the_host: host.Host, paths: VMPaths, checking: bool) -> bool:
         """Run the capabilities probe driver on `paths` (see roots.ensure_caps)."""
-        if not any(paths.caps_dir.glob("*.xml")):  # not the check of an edited cache (roots)
+        if not checking:  # a probe of QEMU, not the check of an edited cache: it takes ~1 s
             self.listener("", p.Probing(), None)
         spec = p.ProbeSpec(root=str(paths.root), emulator=the_host.qemu,
                            virttype="kvm" if the_host.accel.name == "kvm" else "qemu",
@@ -313,7 +313,7 @@ class Supervisor:
                   attachments: dict[str, list[disks.Attachment]],
                   listeners: list[Any]) -> RunResult:
         cache = roots.ensure_caps(the_host, self.paths.probe_root(),
-                                  lambda paths: self.probe(the_host, paths))
+                                  lambda paths, checking: self.probe(the_host, paths, checking))
         for vm in self.stack.vms:
             if cache is not None:
                 roots.install_caps(cache, self.paths.vm(vm.name))

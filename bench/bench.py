@@ -56,7 +56,6 @@ GUEST = REPO / "build" / "guest"
 _SCRIPT = Path(sys.executable).parent / "vmrun"
 VMRUN = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "vmrun"]
 CMDLINE = 'console=ttyS0 quiet guest.say="bench"'
-CAPS_CACHE = Path("/var/cache/vmrun/qemu-capabilities")
 PARTS = ("single", "poweroff", "scale", "memory", "cli", "teardown", "cold")
 SCALE = (1, 4, 8)
 TIMEOUT = 300.0  # seconds for any one `vmrun up` or QEMU run
@@ -235,13 +234,14 @@ Hook = Callable[[subprocess.Popen[bytes], Output], None]
 
 
 def run(argv: list[str], hook: Hook | None = None, every: float = 0.02,
-        timeout: float = TIMEOUT) -> Output:
-    """Run `argv` with stdout and stderr on one pipe, timing each line as it arrives.
+        timeout: float = TIMEOUT, env: dict[str, str] | None = None) -> Output:
+    """Run `argv` (with `env` added to the environment) with stdout and stderr on one
+    pipe, timing each line as it arrives.
 
     `hook` is called after each read and at least every `every` seconds until the process
     exits.  The exit time comes from a pidfd, not from the pipe's EOF."""
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+                            stderr=subprocess.STDOUT, env={**os.environ, **env} if env else None)
     out = Output(pid=proc.pid, start=time.monotonic(), start_wall=time.time())
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
@@ -309,9 +309,9 @@ class ProbeCount:
 
 
 def vmrun_up(path: Path, hook: Hook | None = None, every: float = 0.02,
-             codes: tuple[int, ...] = (0,)) -> Output:
+             codes: tuple[int, ...] = (0,), env: dict[str, str] | None = None) -> Output:
     argv = [*VMRUN, "up", "--progress", "plain", str(path)]
-    return checked(run(argv, hook, every), argv, codes)
+    return checked(run(argv, hook, every, env=env), argv, codes)
 
 
 def qemu() -> Output:
@@ -589,12 +589,14 @@ class Bench:
 
     def cold(self) -> None:
         path = self.stack("cold", 4)
+        # a capabilities cache of the benchmark's own: the host's stays as it is
+        caps = path.parent / "caps-cache"
         for i in range(max(1, (self.runs + 1) // 2)):
             log(f"cold: run {i + 1}")
             shutil.rmtree(path.parent / ".vmrun", ignore_errors=True)
-            shutil.rmtree(CAPS_CACHE, ignore_errors=True)
+            shutil.rmtree(caps, ignore_errors=True)
             for state in ("cold", "warm"):
-                out = vmrun_up(path, count := ProbeCount())
+                out = vmrun_up(path, count := ProbeCount(), env={"VMRUN_CAPS_CACHE": str(caps)})
                 m = self.measure
                 m(f"cold.{state}", f"4-VM stack, {state}" + (
                     " (no state directory, no capabilities cache)" if state == "cold" else "")

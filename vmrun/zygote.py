@@ -115,7 +115,7 @@ class Zygote:
         self.sock.close()
 
     def end(self) -> None:
-        """End it now and reap it (by whoever has no reaper of its own installed)."""
+        """Close its socket, kill it and reap it (the caller's reaper, if any, is off)."""
         self.close()
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)

@@ -57,11 +57,16 @@ def test_warm_roots_keep_the_cached_capabilities(guest: Path, tmp_path: Path) ->
 
 
 @pytest.mark.timeout(200)
-def test_a_reinstalled_qemu_is_probed_once_not_in_every_root(guest: Path,
-                                                             tmp_path: Path) -> None:
+def test_a_reinstalled_qemu_is_probed_once_not_in_every_root(
+        guest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A reinstall (or a restored machine) changes the ctime of QEMU's binary and not its
     mtime; libvirt compares the ctime, and so must the cache's key, or every root of
-    every run probes again."""
+    every run probes again.  The cache of the earlier install is removed then: libvirt
+    would never take it again.  (A cache of the test's own, warm before the reinstall.)"""
+    monkeypatch.setenv("VMRUN_CAPS_CACHE", str(tmp_path / "caps-cache"))
+    roots_keep_the_cache(guest, tmp_path, runs=1)
+    earlier = roots.caps_cache_dir(host.check("tcg"))
+    assert earlier.is_dir()
     qemu = host.check("tcg").qemu
     before = os.stat(qemu)
     os.chmod(qemu, before.st_mode)  # the ctime only, as a reinstall does
@@ -69,6 +74,34 @@ def test_a_reinstalled_qemu_is_probed_once_not_in_every_root(guest: Path,
     assert (after.st_mtime_ns, after.st_ctime_ns != before.st_ctime_ns) == \
         (before.st_mtime_ns, True)
     roots_keep_the_cache(guest, tmp_path, runs=1)
+    assert roots.caps_cache_dir(host.check("tcg")) != earlier
+    assert not earlier.exists() and not earlier.with_name(f"{earlier.name}.lock").exists()
+
+
+def test_only_caches_of_an_earlier_install_of_the_binary_are_removed(tmp_path: Path) -> None:
+    qemu = tmp_path / "qemu-system-x86_64"
+    qemu.write_bytes(b"x")
+    ctime = int(os.stat(qemu).st_ctime)
+
+    def cache(name: str, emulator: Path, qemuctime: int | None) -> Path:
+        directory = tmp_path / "base" / name
+        directory.mkdir(parents=True)
+        (directory.parent / f"{name}.lock").touch()
+        stamp = f"<qemuctime>{qemuctime}</qemuctime>" if qemuctime is not None else ""
+        (directory / "x.xml").write_text(f"<qemuCaps><emulator>{emulator}</emulator>{stamp}"
+                                         "<selfvers>9000000</selfvers><version>7002000</version>"
+                                         "<arch>x86_64</arch></qemuCaps>")
+        return directory
+
+    earlier = cache("earlier", qemu, ctime - 100)
+    kept = [cache("now", qemu, ctime), cache("other", tmp_path / "qemu-system-arm", ctime - 100),
+            cache("unstamped", qemu, None), cache("new", qemu, ctime - 100)]
+    (tmp_path / "base" / "broken").mkdir()
+    (tmp_path / "base" / "broken" / "x.xml").write_text("<qemuCaps><emulator>")
+    roots._remove_outdated(tmp_path / "base", str(qemu), keep=kept[-1])
+    assert not earlier.exists() and not (tmp_path / "base" / "earlier.lock").exists()
+    assert all(path.is_dir() for path in kept) and (tmp_path / "base" / "broken").is_dir()
+    assert (tmp_path / "base" / "now.lock").exists()
 
 
 def test_the_cache_key_has_what_libvirt_compares(tmp_path: Path) -> None:

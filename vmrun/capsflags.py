@@ -35,7 +35,8 @@ ARCH = "x86_64"
 # Set in a cache directory when libvirt did not accept the edited file: not tried again.
 REFUSED_MARKER = "capsflags-refused"
 
-_HEAD = ("selfvers", "version", "arch")  # read before the decision, in this order
+# read before the decision, in this order (emulator and qemuctime: roots' clean-up)
+_HEAD = ("emulator", "qemuctime", "selfvers", "version", "arch")
 
 
 class Unverified(Exception):
@@ -51,6 +52,8 @@ class Head:
     """What the decision needs from a cache file (all of it precedes its <cpudata>)."""
 
     tag: str = ""
+    emulator: str | None = None
+    qemuctime: str | None = None
     selfvers: str | None = None
     version: str | None = None
     arch: str | None = None

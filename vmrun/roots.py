@@ -164,8 +164,36 @@ def ensure_caps(the_host: host.Host, probe_root: Path, probe: Probe) -> Path | N
             if not found:
                 return None
             _write_all(found, cache)
+            _remove_outdated(cache.parent, the_host.qemu, keep=cache)
         _edit_caps(cache, probe_root, probe)
     return cache
+
+
+def _remove_outdated(base: Path, qemu: str, keep: Path) -> None:
+    """Remove the caches of `base` probed with an earlier install of the QEMU binary
+    `qemu` (and their locks): libvirt compares the binary's ctime with the one a file
+    records, and a ctime never goes back, so no run takes their files again.  A cache of
+    another binary, or one that cannot be read, stays."""
+    from lxml import etree
+
+    from vmrun import capsflags
+
+    try:
+        ctime = str(int(os.stat(qemu).st_ctime))
+        caches = [path for path in base.iterdir() if path.is_dir() and path != keep
+                  and not path.is_symlink() and ".tmp" not in path.name]
+    except OSError:
+        return
+    for cache in caches:
+        try:
+            heads = [capsflags.head(path) for path in cache.glob("*.xml")]
+        except (OSError, etree.XMLSyntaxError):
+            continue
+        if heads and all(h.emulator == qemu and h.qemuctime not in (None, ctime)
+                         for h in heads):
+            shutil.rmtree(cache, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.unlink(cache.with_name(f"{cache.name}.lock"))
 
 
 def _probe_into(probe_root: Path, probe: Probe,

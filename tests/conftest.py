@@ -76,14 +76,12 @@ def test_netns() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], check=False, timeout=30)
 
 
-def vmrun(*args: str, netns: str | None = None, timeout: float = 200,
-          env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the vmrun command to its end (in the test's network namespace `netns`; with
-    `env` added to the environment)."""
+def vmrun(*args: str, netns: str | None = None,
+          timeout: float = 200) -> subprocess.CompletedProcess[str]:
+    """Run the vmrun command to its end (in the test's network namespace `netns`)."""
     prefix = in_netns(netns) if netns else []
     return subprocess.run([*prefix, sys.executable, "-m", "vmrun", *args],
-                          capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **env} if env else None)
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def toml_value(value: Any) -> str:
